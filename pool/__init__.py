@@ -1,0 +1,40 @@
+"""pool: an async connection pool engine with Prisma's semantics, on anyio.
+
+>>> import pool
+>>> db = pool.Pool("postgresql://app@localhost/shop?connection_limit=5")
+>>> async with db:
+...     rows = await db.fetch("SELECT 1")
+"""
+
+from ._config import PoolConfig, default_connection_limit
+from ._driver import Driver
+from ._errors import (
+    ConfigError,
+    ConnectError,
+    Holder,
+    PoolClosedError,
+    PoolError,
+    PoolTimeoutError,
+    TooManyWaitersError,
+)
+from ._pool import Pool
+from ._stats import PoolStats
+
+__all__ = [
+    "ConfigError",
+    "ConnectError",
+    "Driver",
+    "Holder",
+    "Pool",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolError",
+    "PoolStats",
+    "PoolTimeoutError",
+    "TooManyWaitersError",
+    "default_connection_limit",
+]
+
+for _name in ("Pool", "PoolConfig", "Driver", "default_connection_limit"):
+    globals()[_name].__module__ = "pool"
+del _name

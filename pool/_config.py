@@ -1,0 +1,264 @@
+"""Pool settings: read from the URL (Prisma's names), overridden by keywords, validated once.
+
+Everything a user can get wrong is caught here, at construction, with a
+:class:`ConfigError` that names the parameter and the bad value. The pool's own
+parameters are removed from the URL; what is left goes to the driver.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import psutil
+
+from ._driver import SUPPORTED_SCHEMES
+from ._errors import ConfigError
+
+__all__ = ["PoolConfig", "default_connection_limit", "parse", "redact_url", "secrets_of"]
+
+#: no pool may hold more connections than this; a larger value is a typo
+MAX_CONNECTION_LIMIT = 10_000
+#: a day; a longer timeout is almost always milliseconds passed as seconds
+MAX_SECONDS = 86_400.0
+
+
+def default_connection_limit() -> int:
+    """Prisma's default pool size: physical CPU cores x 2 + 1.
+
+    Falls back to the logical count where the physical one is unknown.
+    """
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1
+    return cores * 2 + 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """The validated settings of one pool. Times are in seconds.
+
+    ``pool_timeout == 0`` waits forever; ``0`` (or ``None``) for any other
+    timeout or lifetime means "none".
+    """
+
+    #: the URL with its password replaced by ``***`` (safe to print)
+    url: str
+    scheme: str
+    connection_limit: int
+    pool_timeout: float
+    connect_timeout: float | None
+    socket_timeout: float | None
+    max_connection_lifetime: float | None
+    max_idle_connection_lifetime: float | None
+    max_waiting: int
+    #: an idle connection unused for longer than this is pinged before it is lent
+    health_check_after: float
+    #: a connection held longer than this logs one WARNING (None = off)
+    leak_detection_threshold: float | None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``. Never raises."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        user = quote(parts.username or "", safe="")
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        # Unparseable: keep the scheme, hide everything that may hold a secret.
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+
+
+def secrets_of(url: str) -> tuple[str, ...]:
+    """The password of ``url`` as written and as decoded, to scrub from messages."""
+    try:
+        parts = urlsplit(url)
+        raw = parts.netloc.rpartition("@")[0].partition(":")[2]
+        decoded = parts.password or ""
+    except ValueError:
+        return ()
+    return tuple(s for s in {raw, decoded} if s)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _seconds(*, none_when_zero: bool) -> Callable[[str, object], float | None]:
+    def parse_seconds(name: str, raw: object) -> float | None:
+        if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+            raise ConfigError(name, raw, "must be a number of seconds")
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise ConfigError(name, raw, "must be a number of seconds") from None
+        else:
+            value = float(raw)
+        if math.isnan(value) or math.isinf(value):
+            raise ConfigError(name, raw, "must be a finite number of seconds")
+        if value < 0:
+            raise ConfigError(name, raw, "must be >= 0 seconds")
+        if value > MAX_SECONDS:
+            raise ConfigError(name, raw, f"must be at most {MAX_SECONDS:.0f} seconds (a day)")
+        if value == 0 and none_when_zero:
+            return None
+        return value
+
+    return parse_seconds
+
+
+def _whole(minimum: int, maximum: int) -> Callable[[str, object], int]:
+    def parse_whole(name: str, raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ConfigError(name, raw, f"must be a whole number >= {minimum}")
+        if isinstance(raw, str):
+            if not re.fullmatch(r"\+?[0-9]+", raw.strip()):
+                raise ConfigError(name, raw, f"must be a whole number >= {minimum}")
+            value = int(raw)
+        elif isinstance(raw, int):
+            value = raw
+        else:
+            raise ConfigError(name, raw, f"must be a whole number >= {minimum}")
+        if value < minimum:
+            raise ConfigError(name, raw, f"must be a whole number >= {minimum}")
+        if value > maximum:
+            raise ConfigError(name, raw, f"must be at most {maximum}")
+        return value
+
+    return parse_whole
+
+
+_PARSERS: dict[str, Callable[[str, object], object]] = {
+    "connection_limit": _whole(1, MAX_CONNECTION_LIMIT),
+    "pool_timeout": _seconds(none_when_zero=False),
+    "connect_timeout": _seconds(none_when_zero=True),
+    "socket_timeout": _seconds(none_when_zero=True),
+    "max_connection_lifetime": _seconds(none_when_zero=True),
+    "max_idle_connection_lifetime": _seconds(none_when_zero=True),
+    "max_waiting": _whole(0, 100_000_000),
+    "health_check_after": _seconds(none_when_zero=False),
+    "leak_detection_threshold": _seconds(none_when_zero=True),
+}
+
+_DEFAULTS: dict[str, object] = {
+    "pool_timeout": 10.0,
+    "connect_timeout": 5.0,
+    "socket_timeout": None,
+    "max_connection_lifetime": None,
+    "max_idle_connection_lifetime": 300.0,
+    "max_waiting": 0,
+    # HikariCP trusts a connection used in the last 500 ms without a check; we
+    # use 1 s, because a lent connection that turns out dead costs the caller an
+    # error, while a ping costs one round trip only on the slow path.
+    "health_check_after": 1.0,
+    "leak_detection_threshold": None,
+}
+
+POOL_PARAMETERS = frozenset(_PARSERS)
+
+# Names that other pools use for the same settings: a user coming from them gets
+# pointed at ours instead of having the parameter passed to the driver.
+_ALIASES = {
+    "pool_size": "connection_limit",
+    "max_size": "connection_limit",
+    "maxsize": "connection_limit",
+    "max_connections": "connection_limit",
+    "pool_max": "connection_limit",
+    "timeout": "pool_timeout",
+    "acquire_timeout": "pool_timeout",
+}
+
+
+def _suggest(name: str) -> str | None:
+    if name in _ALIASES:
+        return _ALIASES[name]
+    close = difflib.get_close_matches(name.lower(), POOL_PARAMETERS, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _unknown(name: str, value: object) -> ConfigError:
+    hint = _suggest(name)
+    reason = "is not a pool parameter"
+    if hint:
+        reason += f"; did you mean {hint!r}?"
+    return ConfigError(name, value, reason)
+
+
+# --------------------------------------------------------------------------- the URL
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    config: PoolConfig
+    #: what the driver receives: the URL less the pool's parameters (holds the password)
+    driver_url: str
+
+
+def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = False) -> Parsed:
+    """Validate ``url`` and ``overrides`` into a :class:`PoolConfig`.
+
+    ``any_scheme`` accepts a scheme we have no driver for (the caller brings one).
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, got {type(url).__name__}")
+    shown = redact_url(url)
+    if not url.strip():
+        raise ConfigError("url", url, "must be a database URL such as postgresql://user@host/db")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError("url", shown, f"is not a valid URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if not scheme or "://" not in url:
+        raise ConfigError("url", shown, "must start with a scheme such as postgresql://")
+    if scheme not in SUPPORTED_SCHEMES and not any_scheme:
+        raise ConfigError(
+            "url",
+            shown,
+            f"has an unsupported scheme {scheme!r}; use one of {', '.join(SUPPORTED_SCHEMES)}",
+        )
+    if scheme in SUPPORTED_SCHEMES and scheme != "sqlite" and not parts.hostname:
+        raise ConfigError("url", shown, "names no host")
+
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigError("url", shown, "has a malformed query string") from None
+
+    seen: set[str] = set()
+    pool_values: dict[str, object] = {}
+    driver_pairs: list[tuple[str, str]] = []
+    for name, value in pairs:
+        if name in seen:
+            raise ConfigError(name, value, "is given more than once in the URL")
+        seen.add(name)
+        if name in POOL_PARAMETERS:
+            pool_values[name] = value
+        elif _suggest(name) is not None:
+            raise _unknown(name, value)
+        else:
+            driver_pairs.append((name, value))
+
+    for name, override in overrides.items():
+        if name not in POOL_PARAMETERS:
+            raise _unknown(name, override)
+        pool_values[name] = override  # keywords win over the URL
+
+    values: dict[str, object] = {}
+    for name, parser in _PARSERS.items():
+        if name in pool_values and pool_values[name] is not None:
+            values[name] = parser(name, pool_values[name])
+        elif name == "connection_limit":
+            values[name] = default_connection_limit()
+        else:
+            values[name] = _DEFAULTS[name]
+
+    driver_url = urlunsplit(parts._replace(scheme=scheme, query=urlencode(driver_pairs)))
+    config = PoolConfig(url=redact_url(driver_url), scheme=scheme, **values)  # type: ignore[arg-type]
+    return Parsed(config=config, driver_url=driver_url)

@@ -1,0 +1,678 @@
+"""The engine: a bounded set of live connections lent fairly to many tasks.
+
+State is kept step by step, never rebuilt by scanning:
+
+* ``_idle``: a deque of idle connections, reused last-in first-out so that the
+  surplus ones age out;
+* ``_waiters``: an ordered dict used as a FIFO queue with O(1) removal from the
+  middle (a cancelled waiter leaves without a scan);
+* ``_sleepers``: the waiters that are not opening a connection themselves, so
+  that one can be woken in O(1) to open when capacity frees up;
+* ``_size``: open plus opening connections, never above the limit.
+
+There is no background task for growth: a waiter that finds spare capacity
+opens the connection itself, inside its own ``pool_timeout``, and the finished
+connection goes to the *oldest* waiter, which keeps FIFO order strict. This is
+what lets the pool connect lazily, like Prisma, with no task group to host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from types import CodeType, TracebackType
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+import sniffio
+
+from . import _config
+from ._driver import Driver, load_driver
+from ._errors import (
+    ConnectError,
+    Holder,
+    PoolClosedError,
+    PoolError,
+    PoolTimeoutError,
+    TooManyWaitersError,
+)
+from ._stats import PoolStats
+
+__all__ = ["Pool"]
+
+logger = logging.getLogger("pool")
+
+C = TypeVar("C")
+
+_PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+# how long clean-up (a rollback, a graceful close) may take before we give up
+# and drop the socket; it runs shielded, so it must be bounded
+_CLEANUP_TIMEOUT: Final = 5.0
+
+_CLOSED, _OPEN, _CLOSING = "closed", "open", "closing"
+
+
+def _format_seconds(value: float) -> str:
+    """``10.0`` -> ``"10"``, ``0.25`` -> ``"0.25"``: whole numbers print without ``.0``."""
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+class _Conn:
+    """The engine's record of one open connection. Users see only ``raw``."""
+
+    __slots__ = (
+        "created_at", "epoch", "expires_at", "idle_since", "lent_at", "raw", "site", "task",
+    )
+
+    def __init__(self, raw: Any, now: float, epoch: int, expires_at: float) -> None:
+        self.raw = raw
+        self.created_at = now
+        self.idle_since = now
+        self.lent_at = now
+        self.expires_at = expires_at
+        self.epoch = epoch
+        # who holds it, for diagnosis; set when lent
+        self.task: object = None
+        self.site: tuple[CodeType, int] | None = None
+
+
+class _Waiter:
+    """One caller waiting in the queue."""
+
+    __slots__ = ("conn", "error", "event", "must_open")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.conn: _Conn | None = None
+        self.error: BaseException | None = None
+        # capacity was reserved for this waiter to open a connection itself
+        self.must_open = False
+
+
+def _task_of(library: str) -> Callable[[], object]:
+    if library == "trio":
+        import trio
+
+        return trio.lowlevel.current_task
+    import asyncio
+
+    return asyncio.current_task
+
+
+def _task_name(task: object) -> str:
+    if task is None:
+        return "<unknown task>"
+    get_name = getattr(task, "get_name", None)
+    return str(get_name() if get_name else getattr(task, "name", repr(task)))
+
+
+class Pool(Generic[C]):
+    """A connection pool for one database URL.
+
+    Constructing it validates the settings and opens nothing: the first acquire
+    connects (lazily, like Prisma). ``async with pool:`` connects eagerly and
+    disconnects at the end. Keyword overrides (``connection_limit=5``) win over
+    the URL's parameters. ``driver`` plugs in an adapter of your own (any object
+    satisfying :class:`pool.Driver`); the URL then only carries pool settings.
+
+    >>> db = Pool("postgresql://app@localhost/shop?connection_limit=5")
+    >>> async with db.acquire() as conn:   # the driver's own connection
+    ...     await conn.fetch("SELECT 1")
+    """
+
+    def __init__(
+        self, url: str, /, *, driver: Driver[C] | None = None, **overrides: object
+    ) -> None:
+        parsed = _config.parse(url, overrides, any_scheme=driver is not None)
+        self._config: Final = parsed.config
+        cfg = parsed.config
+        if driver is None:
+            # The adapter is the only thing that keeps the password.
+            driver = load_driver(
+                cfg.scheme,
+                parsed.driver_url,
+                connect_timeout=cfg.connect_timeout,
+                socket_timeout=cfg.socket_timeout,
+            )
+        self._driver: Driver[C] = driver
+        self._secrets = _config.secrets_of(parsed.driver_url)
+        self._limit = cfg.connection_limit
+        self._wait_timeout = cfg.pool_timeout or math.inf
+        self._max_waiting = cfg.max_waiting
+        self._lifetime = cfg.max_connection_lifetime or math.inf
+        self._max_idle = cfg.max_idle_connection_lifetime or math.inf
+        self._check_after = cfg.health_check_after
+
+        self._state = _CLOSED
+        self._epoch = 0
+        self._idle: deque[_Conn] = deque()
+        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        self._sleepers: OrderedDict[_Waiter, None] = OrderedDict()
+        self._lent: dict[int, _Conn] = {}
+        # connections closed by disconnect() while held, until their holder lets go
+        self._orphans: dict[int, _Conn] = {}
+        self._size = 0
+        self._opening = 0
+        self._current_task: Callable[[], object] = _task_of("asyncio")
+
+        self._acquired = 0
+        self._waited = 0
+        self._timeouts = 0
+        self._wait_seconds = 0.0
+        self._opened = 0
+        self._closed = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def config(self) -> _config.PoolConfig:
+        """The validated settings (the URL in it has its password redacted)."""
+        return self._config
+
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the pool's state and running totals."""
+        idle = len(self._idle)
+        return PoolStats(
+            size=self._size,
+            idle=idle,
+            in_use=len(self._lent),
+            opening=self._opening,
+            waiting=len(self._waiters),
+            limit=self._limit,
+            acquired=self._acquired,
+            waited=self._waited,
+            timeouts=self._timeouts,
+            wait_seconds=self._wait_seconds,
+            opened=self._opened,
+            closed=self._closed,
+        )
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquire[C]:
+        """Borrow a connection: ``async with db.acquire() as conn`` or ``await``.
+
+        With ``await``, give it back with :meth:`release`. Waiters are served
+        first-in first-out. ``timeout`` (seconds) overrides ``pool_timeout`` for
+        this call; 0 waits forever.
+        """
+        return _Acquire(self, timeout)
+
+    async def release(self, conn: C) -> None:
+        """Give back a connection taken with ``await db.acquire()``.
+
+        A clean connection goes back with no round trip. One left in a
+        transaction is rolled back; a broken or expired one is closed.
+        """
+        await self._release(conn, None)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Run a query on a pooled connection and return all rows."""
+        conn = await self._acquire(None)
+        try:
+            result = await self._driver.fetch(conn, sql, args)
+        except BaseException as exc:
+            await self._release(conn, exc)
+            raise
+        await self._release(conn, None)
+        return result
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        """Run a query and return its first row, or None."""
+        conn = await self._acquire(None)
+        try:
+            result = await self._driver.fetchrow(conn, sql, args)
+        except BaseException as exc:
+            await self._release(conn, exc)
+            raise
+        await self._release(conn, None)
+        return result
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """Run a query and return the first column of its first row."""
+        conn = await self._acquire(None)
+        try:
+            result = await self._driver.fetchval(conn, sql, args)
+        except BaseException as exc:
+            await self._release(conn, exc)
+            raise
+        await self._release(conn, None)
+        return result
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        """Run a statement; returns what the driver returns (status or row count)."""
+        conn = await self._acquire(None)
+        try:
+            result = await self._driver.execute(conn, sql, args)
+        except BaseException as exc:
+            await self._release(conn, exc)
+            raise
+        await self._release(conn, None)
+        return result
+
+    def transaction(self, *, timeout: float | None = None) -> _Transaction[C]:
+        """``async with db.transaction() as conn``: commit on success, roll back on error.
+
+        Cancellation rolls back too: the connection is closed, which makes the
+        server discard the transaction.
+        """
+        return _Transaction(self, timeout)
+
+    async def connect(self) -> None:
+        """Open one connection now (Prisma's ``$connect``), so a bad URL fails at start-up.
+
+        Does nothing if the pool already holds a connection.
+        """
+        if self._state == _OPEN and self._size:
+            return
+        conn = await self._acquire(None)
+        await self._release(conn, None)
+
+    async def disconnect(self) -> None:
+        """Close every connection (Prisma's ``$disconnect``). Idempotent.
+
+        Waiters fail with :class:`PoolClosedError`; connections still held are
+        closed. The pool can be used again afterwards: it reconnects lazily.
+        """
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        try:
+            closing = PoolClosedError("the pool was disconnected while this call waited")
+            for waiter in list(self._waiters):
+                waiter.error = closing
+                waiter.event.set()
+            self._waiters.clear()
+            self._sleepers.clear()
+            idle = list(self._idle)
+            self._idle.clear()
+            lent = list(self._lent.values())
+            self._lent.clear()
+            # Their holders may still release them: that must stay harmless.
+            self._orphans.update((id(rec.raw), rec) for rec in lent)
+            for rec in lent:
+                self._driver.terminate(rec.raw)
+            with anyio.CancelScope(shield=True):
+                for rec in idle:
+                    await self._close_gracefully(rec)
+            self._closed += len(idle) + len(lent)
+        finally:
+            # A new epoch: an opener still connecting, or a holder releasing a
+            # connection we already closed, finds its record stale and leaves
+            # the counters alone.
+            self._epoch += 1
+            self._size = 0
+            self._opening = 0
+            self._state = _CLOSED
+        logger.info("Disconnected the %s pool.", self._config.scheme)
+
+    async def __aenter__(self) -> Pool[C]:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.disconnect()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self._config.url} [in use {len(self._lent)}, idle {len(self._idle)}, "
+            f"waiting {len(self._waiters)}, limit {self._limit}]>"
+        )
+
+    # ------------------------------------------------------------------ acquire
+
+    def _start(self) -> None:
+        """Move from closed to open on first use (the lazy connect)."""
+        if self._state == _CLOSING:
+            raise PoolClosedError("the pool is disconnecting")
+        self._current_task = _task_of(sniffio.current_async_library())
+        self._state = _OPEN
+        logger.info(
+            "Starting a %s pool with %d connections.", self._config.scheme, self._limit
+        )
+
+    async def _acquire(self, wait_for: float | None) -> C:
+        if self._state != _OPEN:
+            self._start()
+        idle = self._idle
+        # The fast path: an idle connection and nobody waiting. It awaits nothing.
+        while idle and not self._waiters:
+            rec = idle.pop()
+            now = time.monotonic()
+            alive = self._driver.is_alive(rec.raw)
+            if alive and now - rec.idle_since < self._check_after and now < rec.expires_at:
+                return self._lend(rec)
+            if not alive or now >= rec.expires_at or now - rec.idle_since >= self._max_idle:
+                self._discard(rec)
+            elif await self._ping(rec):
+                # It sat idle long enough to doubt it, and it answered.
+                return self._lend(rec)
+        return await self._acquire_slow(wait_for)
+
+    async def _ping(self, rec: _Conn) -> bool:
+        """Check a connection that sat idle a while; False (and closed) if it is dead."""
+        self._lent[id(rec.raw)] = rec  # counted as in use while we check it
+        try:
+            with anyio.fail_after(self._config.connect_timeout or _CLEANUP_TIMEOUT):
+                await self._driver.ping(rec.raw)
+        except Exception:
+            # A dead connection is not the caller's problem: close it, try another.
+            if self._lent.pop(id(rec.raw), None) is rec:
+                self._discard(rec)
+            return False
+        except BaseException:
+            if self._lent.pop(id(rec.raw), None) is rec:
+                self._discard(rec)
+            raise
+        return self._lent.pop(id(rec.raw), None) is rec
+
+    def _lend(self, rec: _Conn) -> C:
+        rec.lent_at = time.monotonic()
+        rec.task = self._current_task()
+        # The caller's file:line, for diagnosis. Walk out of this package.
+        frame = sys._getframe(2)
+        while frame.f_code.co_filename.startswith(_PACKAGE_DIR) and frame.f_back is not None:
+            frame = frame.f_back
+        rec.site = (frame.f_code, frame.f_lineno)
+        self._lent[id(rec.raw)] = rec
+        self._acquired += 1
+        raw: C = rec.raw
+        return raw
+
+    async def _acquire_slow(self, wait_for: float | None) -> C:
+        if self._max_waiting and len(self._waiters) >= self._max_waiting:
+            raise TooManyWaitersError(
+                f"{len(self._waiters)} callers already wait for a connection "
+                f"(max_waiting={self._max_waiting}); not queueing another"
+            )
+        waiter = _Waiter()
+        self._waiters[waiter] = None
+        if self._size < self._limit and self._opening < len(self._waiters):
+            self._reserve(waiter)
+        else:
+            self._sleepers[waiter] = None
+        started = time.monotonic()
+        wait = self._wait_timeout if wait_for is None else (wait_for or math.inf)
+        with anyio.CancelScope(deadline=anyio.current_time() + wait):
+            try:
+                while True:
+                    if waiter.conn is not None:
+                        if waiter.must_open:  # served before it began to open
+                            self._unreserve(waiter)
+                        break
+                    if waiter.error is not None:
+                        raise waiter.error
+                    if waiter.must_open:
+                        await self._open(waiter)
+                        continue
+                    await waiter.event.wait()
+                    if waiter.conn is not None:
+                        # Cancelled as it was handed the connection? Then it must
+                        # pass it on (in the except below), not carry it away.
+                        await anyio.lowlevel.checkpoint_if_cancelled()
+                    elif waiter.error is None:
+                        # woken to open a connection: wait on a fresh event after
+                        waiter.event = anyio.Event()
+            except BaseException:
+                self._abandon(waiter)
+                raise
+            self._waited += 1
+            self._wait_seconds += time.monotonic() - started
+            return self._lend(waiter.conn)
+        self._abandon(waiter)
+        self._timeouts += 1
+        raise self._timeout_error(wait)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter gives up (timeout, cancellation, error): leave no trace."""
+        if waiter.conn is not None:
+            # Handed a connection as it gave up: pass it on to the next one.
+            rec, waiter.conn = waiter.conn, None
+            self._put(rec)
+        else:
+            self._waiters.pop(waiter, None)
+            self._sleepers.pop(waiter, None)
+        if waiter.must_open:
+            self._unreserve(waiter)
+
+    def _reserve(self, waiter: _Waiter) -> None:
+        self._size += 1
+        self._opening += 1
+        waiter.must_open = True
+
+    def _unreserve(self, waiter: _Waiter) -> None:
+        waiter.must_open = False
+        self._size -= 1
+        self._opening -= 1
+        self._wake_openers()
+
+    def _wake_openers(self) -> None:
+        """Capacity freed up while callers sleep: wake some to open connections."""
+        while (
+            self._sleepers and self._size < self._limit and self._opening < len(self._waiters)
+        ):
+            waiter, _ = self._sleepers.popitem(last=True)
+            self._reserve(waiter)
+            waiter.event.set()
+
+    async def _open(self, waiter: _Waiter) -> None:
+        """Open one connection on the capacity reserved for ``waiter``.
+
+        The new connection goes to the oldest waiter, which may be another one.
+        """
+        waiter.must_open = False  # the reservation is ours to settle now
+        epoch = self._epoch
+        try:
+            with anyio.fail_after(self._config.connect_timeout or math.inf):
+                raw = await self._driver.connect()
+        except BaseException as exc:
+            if epoch == self._epoch:
+                self._size -= 1
+                self._opening -= 1
+                self._wake_openers()
+            if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
+                raise
+            raise self._connect_error(exc) from exc
+        if epoch != self._epoch or self._state != _OPEN:
+            self._driver.terminate(raw)  # the pool was disconnected meanwhile
+            return
+        self._opening -= 1
+        self._opened += 1
+        now = time.monotonic()
+        self._put(_Conn(raw, now, epoch, now + self._lifetime))
+
+    # ------------------------------------------------------------------ release
+
+    def _put(self, rec: _Conn) -> None:
+        """A connection is free: hand it to the oldest waiter, or keep it idle."""
+        if self._waiters:
+            waiter, _ = self._waiters.popitem(last=False)
+            self._sleepers.pop(waiter, None)
+            waiter.conn = rec
+            waiter.event.set()
+        else:
+            rec.idle_since = time.monotonic()
+            self._idle.append(rec)
+
+    async def _release(self, raw: C, exc: BaseException | None) -> None:
+        rec = self._lent.pop(id(raw), None)
+        if rec is None:
+            if self._orphans.pop(id(raw), None) is not None:
+                return
+            raise PoolError("this connection is not lent by this pool (released twice?)")
+        rec.task = None
+        if rec.epoch != self._epoch:
+            return  # closed by disconnect() while it was held
+        driver = self._driver
+        if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+            # Cancelled mid-use: the connection may be mid-protocol. Closing it
+            # is the only safe choice, and the server rolls back for us.
+            self._discard(rec)
+        elif not driver.is_alive(raw):
+            self._discard(rec)
+        elif driver.in_transaction(raw):
+            await self._rollback_then_put(rec)
+        elif rec.expires_at <= time.monotonic():
+            self._discard(rec)
+        else:
+            self._put(rec)
+
+    async def _rollback_then_put(self, rec: _Conn) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(_CLEANUP_TIMEOUT):
+                    await self._driver.rollback(rec.raw)
+            except Exception:
+                logger.debug("rollback on release failed; closing the connection", exc_info=True)
+                self._discard(rec)
+                return
+        if rec.epoch == self._epoch:
+            self._put(rec)
+
+    def _discard(self, rec: _Conn) -> None:
+        """Close a connection that must not be lent again. O(1), awaits nothing."""
+        self._driver.terminate(rec.raw)
+        if rec.epoch != self._epoch:
+            return
+        self._size -= 1
+        self._closed += 1
+        self._wake_openers()
+
+    async def _close_gracefully(self, rec: _Conn) -> None:
+        try:
+            with anyio.fail_after(_CLEANUP_TIMEOUT):
+                await self._driver.close(rec.raw)
+        except Exception:
+            self._driver.terminate(rec.raw)
+
+    # ------------------------------------------------------------------ errors
+
+    def _holders(self, top: int = 3) -> tuple[Holder, ...]:
+        now = time.monotonic()
+        # Only on the error path: a sort over the lent connections is fine here.
+        longest = sorted(self._lent.values(), key=lambda rec: rec.lent_at)[:top]
+        return tuple(
+            Holder(
+                task=_task_name(rec.task),
+                call_site=f"{rec.site[0].co_filename}:{rec.site[1]}" if rec.site else "?",
+                held_for=now - rec.lent_at,
+            )
+            for rec in longest
+        )
+
+    def _timeout_error(self, waited: float) -> PoolTimeoutError:
+        in_use, idle = len(self._lent), len(self._idle)
+        opening, waiting = self._opening, len(self._waiters)
+        holders = self._holders()
+        message = (
+            "Timed out fetching a new connection from the connection pool. "
+            f"(Current connection pool timeout: {_format_seconds(waited)}, "
+            f"connection limit: {self._limit}) "
+            f"Pool state: {in_use} in use, {idle} idle, {opening} opening, "
+            f"{waiting} waiting."
+        )
+        if holders:
+            message += " Longest holders: " + "; ".join(str(h) for h in holders) + "."
+        return PoolTimeoutError(
+            message,
+            timeout=waited,
+            limit=self._limit,
+            in_use=in_use,
+            idle=idle,
+            opening=opening,
+            waiting=waiting,
+            holders=holders,
+        )
+
+    def _connect_error(self, exc: BaseException) -> ConnectError:
+        where = self._config.url.split("://", 1)[-1].rpartition("@")[2].split("/", 1)[0]
+        detail = str(exc) or type(exc).__name__
+        # A driver may echo its DSN: never let a password through.
+        for secret in self._secrets:
+            detail = detail.replace(secret, "***")
+        return ConnectError(
+            f"Can't reach database server at {where or self._config.scheme}: "
+            f"{type(exc).__name__}: {detail}"
+        )
+
+
+class _Acquire(Generic[C]):
+    """What ``Pool.acquire()`` returns: awaitable, and an async context manager."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: Pool[C], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: C | None = None
+
+    def __await__(self) -> Any:
+        return self._await().__await__()
+
+    async def _await(self) -> C:
+        return await self._pool._acquire(self._timeout)
+
+    async def __aenter__(self) -> C:
+        self._conn = await self._pool._acquire(self._timeout)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        await self._pool._release(conn, exc)  # type: ignore[arg-type]
+
+
+class _Transaction(Generic[C]):
+    """``async with db.transaction() as conn``."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: Pool[C], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: C | None = None
+
+    async def __aenter__(self) -> C:
+        pool = self._pool
+        conn = await pool._acquire(self._timeout)
+        try:
+            await pool._driver.begin(conn)
+        except BaseException as exc:
+            await pool._release(conn, exc)
+            raise
+        self._conn = conn
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, conn = self._pool, self._conn
+        self._conn = None
+        assert conn is not None
+        if exc is None:
+            try:
+                await pool._driver.commit(conn)
+            except BaseException as commit_error:
+                await pool._release(conn, commit_error)
+                raise
+            await pool._release(conn, None)
+        else:
+            # Any other error: _release rolls back (or closes, for a cancellation).
+            await pool._release(conn, exc)
+

@@ -1,0 +1,44 @@
+"""A frozen snapshot of a pool's state and running totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["PoolStats"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolStats:
+    """What ``Pool.stats()`` returns. Reading it costs a handful of attribute reads.
+
+    The first five fields describe the pool now; the rest are running totals
+    since the pool was built. A cancelled acquire changes none of them.
+    """
+
+    #: open plus opening connections; never above ``limit``
+    size: int
+    #: open connections waiting in the pool to be lent
+    idle: int
+    #: connections lent out
+    in_use: int
+    #: connections being opened right now
+    opening: int
+    #: callers waiting for a connection
+    waiting: int
+    #: ``connection_limit``
+    limit: int
+    #: connections lent, in all
+    acquired: int
+    #: acquisitions that found no idle connection and waited (for a release or an opening)
+    waited: int
+    #: acquisitions that ended in ``PoolTimeoutError``
+    timeouts: int
+    #: total seconds spent waiting by the acquisitions counted in ``waited``
+    wait_seconds: float
+    #: connections opened, in all
+    opened: int
+    #: connections closed, in all (expired, broken, or at disconnect)
+    closed: int
+
+
+PoolStats.__module__ = "pool"
