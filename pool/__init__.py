@@ -17,7 +17,9 @@ from ._errors import (
     PoolTimeoutError,
     TooManyWaitersError,
 )
+from ._lifecycle import handle_signals, recommended_connection_limit, shared
 from ._pool import Pool
+from ._replicated import Replicated, ReplicatedStats
 from ._stats import PoolStats
 
 __all__ = [
@@ -31,10 +33,18 @@ __all__ = [
     "PoolError",
     "PoolStats",
     "PoolTimeoutError",
+    "Replicated",
+    "ReplicatedStats",
     "TooManyWaitersError",
     "default_connection_limit",
+    "handle_signals",
+    "recommended_connection_limit",
+    "shared",
 ]
 
-for _name in ("Pool", "PoolConfig", "Driver", "default_connection_limit"):
+for _name in (
+    "Pool", "PoolConfig", "Driver", "Replicated", "default_connection_limit",
+    "handle_signals", "recommended_connection_limit", "shared",
+):
     globals()[_name].__module__ = "pool"
 del _name

@@ -259,6 +259,10 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
         else:
             values[name] = _DEFAULTS[name]
 
-    driver_url = urlunsplit(parts._replace(scheme=scheme, query=urlencode(driver_pairs)))
+    # Rebuilt by hand: urlunsplit() would turn sqlite:////abs/path into sqlite://abs/path.
+    head = url.strip().partition("?")[0].partition("#")[0]
+    driver_url = scheme + head[len(scheme) :]
+    if driver_pairs:
+        driver_url += "?" + urlencode(driver_pairs)
     config = PoolConfig(url=redact_url(driver_url), scheme=scheme, **values)  # type: ignore[arg-type]
     return Parsed(config=config, driver_url=driver_url)

@@ -24,16 +24,17 @@ import os
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import CodeType, TracebackType
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
 import sniffio
 
-from . import _config
+from . import _config, _registry
 from ._driver import Driver, load_driver
 from ._errors import (
+    ConfigError,
     ConnectError,
     Holder,
     PoolClosedError,
@@ -159,6 +160,12 @@ class Pool(Generic[C]):
         self._size = 0
         self._opening = 0
         self._current_task: Callable[[], object] = _task_of("asyncio")
+        self._before_exit: list[Callable[[], Awaitable[object]]] = []
+        self._drained: anyio.Event | None = None
+        self._server_checked = False
+        self._is_shared = False
+        self._target = _registry.target_of(cfg.scheme, parsed.driver_url)
+        _registry.built(self)
 
         self._acquired = 0
         self._waited = 0
@@ -271,33 +278,55 @@ class Pool(Generic[C]):
         conn = await self._acquire(None)
         await self._release(conn, None)
 
-    async def disconnect(self) -> None:
-        """Close every connection (Prisma's ``$disconnect``). Idempotent.
+    def on_before_exit(self, callback: Callable[[], Awaitable[object]]) -> None:
+        """Register an async callback that :meth:`disconnect` runs first.
 
-        Waiters fail with :class:`PoolClosedError`; connections still held are
-        closed. The pool can be used again afterwards: it reconnects lazily.
+        Callbacks run in the order registered, before any connection is closed,
+        so they may still use the pool (flush a queue, write a last row). An
+        error in one is logged and does not stop the others.
         """
+        if not callable(callback):
+            raise TypeError(f"callback must be an async callable, got {callback!r}")
+        self._before_exit.append(callback)
+
+    async def disconnect(self, *, grace: float = 0.0) -> None:
+        """Close every connection (Prisma's ``$disconnect``). Idempotent; never hangs.
+
+        Runs the :meth:`on_before_exit` callbacks, then fails every waiter with
+        :class:`PoolClosedError`, closes the idle connections, waits up to
+        ``grace`` seconds for held ones to come back, and closes the rest. The
+        pool can be used again afterwards: it reconnects lazily.
+        """
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+            raise ConfigError("grace", grace, "must be a number of seconds >= 0")
         if self._state != _OPEN:
             return
+        await self._run_before_exit()
+        if self._state != _OPEN:
+            return  # a callback disconnected us
         self._state = _CLOSING
+        closing = PoolClosedError("the pool was disconnected while this call waited")
         try:
-            closing = PoolClosedError("the pool was disconnected while this call waited")
-            for waiter in list(self._waiters):
+            for waiter in self._waiters:
                 waiter.error = closing
                 waiter.event.set()
             self._waiters.clear()
             self._sleepers.clear()
-            idle = list(self._idle)
-            self._idle.clear()
+            with anyio.CancelScope(shield=True):
+                idle = list(self._idle)
+                self._idle.clear()
+                await self._close_all(idle)
+                if self._lent and grace > 0:
+                    self._drained = anyio.Event()
+                    with anyio.move_on_after(grace):
+                        await self._drained.wait()
+            # Whoever still holds a connection has had their grace: close it.
             lent = list(self._lent.values())
             self._lent.clear()
             # Their holders may still release them: that must stay harmless.
             self._orphans.update((id(rec.raw), rec) for rec in lent)
             for rec in lent:
                 self._driver.terminate(rec.raw)
-            with anyio.CancelScope(shield=True):
-                for rec in idle:
-                    await self._close_gracefully(rec)
             self._closed += len(idle) + len(lent)
         finally:
             # A new epoch: an opener still connecting, or a holder releasing a
@@ -307,7 +336,38 @@ class Pool(Generic[C]):
             self._size = 0
             self._opening = 0
             self._state = _CLOSED
-        logger.info("Disconnected the %s pool.", self._config.scheme)
+            _registry.closed(self, self._target)
+        logger.info("Disconnected the %s pool.", self._driver.scheme)
+
+    async def _run_before_exit(self) -> None:
+        for callback in self._before_exit:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await callback()
+            except Exception:
+                logger.exception("an on_before_exit callback failed: %r", callback)
+
+    async def _close_all(self, recs: list[_Conn]) -> None:
+        """Close gracefully, all at once, within one bound; then drop what is left."""
+        if not recs:
+            return
+        with anyio.move_on_after(_CLEANUP_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for rec in recs:
+                    tg.start_soon(self._close_gracefully, rec)
+        for rec in recs:
+            self._driver.terminate(rec.raw)  # a no-op for those already closed
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's connections without closing them."""
+        self._idle.clear()
+        self._lent.clear()
+        self._orphans.clear()
+        self._waiters.clear()
+        self._sleepers.clear()
+        self._epoch += 1
+        self._size = self._opening = 0
+        self._state = _CLOSED
 
     async def __aenter__(self) -> Pool[C]:
         await self.connect()
@@ -336,9 +396,9 @@ class Pool(Generic[C]):
             raise PoolClosedError("the pool is disconnecting")
         self._current_task = _task_of(sniffio.current_async_library())
         self._state = _OPEN
-        logger.info(
-            "Starting a %s pool with %d connections.", self._config.scheme, self._limit
-        )
+        self._server_checked = False
+        logger.info("Starting a %s pool with %d connections.", self._driver.scheme, self._limit)
+        _registry.opened(self, self._target, is_shared=self._is_shared)
 
     async def _acquire(self, wait_for: float | None) -> C:
         if self._state != _OPEN:
@@ -471,10 +531,16 @@ class Pool(Generic[C]):
         """
         waiter.must_open = False  # the reservation is ours to settle now
         epoch = self._epoch
+        raw: C | None = None
         try:
             with anyio.fail_after(self._config.connect_timeout or math.inf):
                 raw = await self._driver.connect()
+            if not self._server_checked:
+                self._server_checked = True
+                await self._check_server_ceiling(raw)
         except BaseException as exc:
+            if raw is not None:
+                self._driver.terminate(raw)
             if epoch == self._epoch:
                 self._size -= 1
                 self._opening -= 1
@@ -489,6 +555,23 @@ class Pool(Generic[C]):
         self._opened += 1
         now = time.monotonic()
         self._put(_Conn(raw, now, epoch, now + self._lifetime))
+
+    async def _check_server_ceiling(self, raw: C) -> None:
+        """Once per start: warn when connection_limit alone exceeds the server's ceiling."""
+        try:
+            with anyio.fail_after(_CLEANUP_TIMEOUT):
+                ceiling = await self._driver.server_max_connections(raw)
+        except Exception:
+            logger.debug("could not read the server's max_connections", exc_info=True)
+            return
+        if ceiling is not None and self._limit > ceiling:
+            logger.warning(
+                "connection_limit=%d exceeds the server's max_connections=%d: "
+                "the pool can never reach its limit, and will starve other clients. "
+                "See pool.recommended_connection_limit().",
+                self._limit,
+                ceiling,
+            )
 
     # ------------------------------------------------------------------ release
 
@@ -512,6 +595,14 @@ class Pool(Generic[C]):
         rec.task = None
         if rec.epoch != self._epoch:
             return  # closed by disconnect() while it was held
+        if self._state == _CLOSING:
+            # disconnect() waits for its grace: close this one, tell it when all are back
+            with anyio.CancelScope(shield=True):
+                await self._close_gracefully(rec)
+            self._closed += 1
+            if not self._lent and self._drained is not None:
+                self._drained.set()
+            return
         driver = self._driver
         if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
             # Cancelled mid-use: the connection may be mid-protocol. Closing it

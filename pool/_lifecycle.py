@@ -1,0 +1,117 @@
+"""One pool per process, the signal hook, and the published sizing rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from . import _config, _registry
+from ._errors import ConfigError
+from ._pool import Pool
+
+__all__ = ["handle_signals", "recommended_connection_limit", "shared"]
+
+logger = logging.getLogger("pool")
+
+
+def shared(url: str, /, **overrides: object) -> Pool[Any]:
+    """The process's one pool for this target and these settings, built on first call.
+
+    The same URL and settings return the same :class:`Pool` in every
+    environment (there is no development-only switch), across
+    ``importlib.reload()`` of this package and of the caller. A forked child
+    gets a fresh pool and never touches its parent's connections.
+    """
+    parsed = _config.parse(url, overrides)  # validates, and normalises URL vs keywords
+    key = (parsed.driver_url, *dataclasses.astuple(parsed.config))
+    registry = _registry.shared_registry()
+    db = registry.get(key)
+    if db is None:
+        db = Pool(url, **overrides)  # type: ignore[arg-type]  # validated above
+        db._is_shared = True
+        registry[key] = db
+    return db
+
+
+def recommended_connection_limit(
+    *, instances: int = 1, serverless: bool = False, server_max_connections: int | None = None
+) -> int:
+    """Prisma's published rule for ``connection_limit``.
+
+    The default pool size (physical cores x 2 + 1) divided by the number of
+    application instances; 1 for serverless functions; and never more than the
+    server allows once every instance has its share.
+    """
+    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        raise ConfigError("instances", instances, "must be a whole number >= 1")
+    if not isinstance(serverless, bool):
+        raise ConfigError("serverless", serverless, "must be True or False")
+    if server_max_connections is not None and (
+        isinstance(server_max_connections, bool)
+        or not isinstance(server_max_connections, int)
+        or server_max_connections < 1
+    ):
+        raise ConfigError(
+            "server_max_connections", server_max_connections, "must be a whole number >= 1"
+        )
+    if serverless:
+        return 1
+    limit = _config.default_connection_limit() // instances
+    if server_max_connections is not None:
+        limit = min(limit, server_max_connections // instances)
+    return max(1, limit)
+
+
+async def _disconnect_everything(grace: float) -> None:
+    pools = _registry.open_pools()
+    logger.info("Signal received: disconnecting %d pool(s).", len(pools))
+    with anyio.CancelScope(shield=True):
+        async with anyio.create_task_group() as tg:
+            for db in pools:
+                tg.start_soon(functools.partial(db.disconnect, grace=grace))
+
+
+@asynccontextmanager
+async def handle_signals(
+    *, grace: float = 5.0, signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
+) -> AsyncIterator[None]:
+    """Opt in: on SIGINT or SIGTERM, shut every open pool down cleanly, then end as usual.
+
+    Wrap your program's main body::
+
+        async with pool.handle_signals():
+            await serve()
+
+    When a signal comes, each open pool runs its ``on_before_exit`` callbacks
+    and disconnects (held connections get ``grace`` seconds); then the signal is
+    delivered again with its usual handler, so the process ends exactly as it
+    would have (``KeyboardInterrupt`` for SIGINT, termination for SIGTERM). Must
+    be entered in the main thread.
+    """
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+        raise ConfigError("grace", grace, "must be a number of seconds >= 0")
+    wanted = tuple(signals)
+
+    async def watch() -> None:
+        with anyio.open_signal_receiver(*wanted) as received:
+            async for signum in received:
+                await _disconnect_everything(grace)
+                break
+            else:  # pragma: no cover - the receiver never ends by itself
+                return
+        # Our receiver is gone and the usual handler is back: deliver it again.
+        signal.raise_signal(signum)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()

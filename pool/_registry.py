@@ -1,0 +1,103 @@
+"""Process-wide bookkeeping: which pools are open, and the shared ones.
+
+The classic failure this guards against: an app builds its pool in a module
+that is re-executed (hot reload, per-request import), so every execution opens
+another pool, and the database runs out of connections. ``shared()`` returns one
+pool per target and settings for the whole process, and a second non-shared
+pool to the same target logs a WARNING.
+
+The shared registry lives on the ``sys`` module, Node's ``globalThis`` here, so
+that it survives ``importlib.reload()`` of this package and of the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import weakref
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+__all__ = [
+    "built", "closed", "forget_after_fork", "open_pools", "opened", "shared_registry", "target_of",
+]
+
+logger = logging.getLogger("pool")
+
+_REGISTRY_ATTR = "_pool_shared_registry"
+
+
+def shared_registry() -> dict[tuple[Any, ...], Pool[Any]]:
+    """The process's shared pools; created on first use, kept across reloads."""
+    registry: dict[tuple[Any, ...], Pool[Any]] | None = getattr(sys, _REGISTRY_ATTR, None)
+    if registry is None:
+        registry = {}
+        setattr(sys, _REGISTRY_ATTR, registry)
+    return registry
+
+
+def target_of(scheme: str, driver_url: str) -> str:
+    """What the database sees as one client target: no password, no parameters."""
+    parts = urlsplit(driver_url)
+    if scheme == "sqlite":
+        return f"sqlite://{parts.path}"
+    family = {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
+    host = parts.hostname or ""
+    port = parts.port or ""
+    return f"{family}://{parts.username or ''}@{host}:{port}{parts.path}"
+
+
+# target -> pools that are open now; weak, so a dropped pool stops counting
+_open: dict[str, weakref.WeakSet[Pool[Any]]] = {}
+# every pool ever built in this process, to reset them in a forked child
+_all: weakref.WeakSet[Pool[Any]] = weakref.WeakSet()
+
+
+def built(pool: Pool[Any]) -> None:
+    _all.add(pool)
+
+
+def opened(pool: Pool[Any], target: str, *, is_shared: bool) -> None:
+    """Count ``pool`` as open; warn when it multiplies the pools on its target."""
+    pools = _open.setdefault(target, weakref.WeakSet())
+    pools.add(pool)
+    if len(pools) > 1 and not is_shared:
+        ceiling = sum(p.config.connection_limit for p in pools)
+        logger.warning(
+            "%d pools are now open to %s, with a combined ceiling of %d connections. "
+            "Each Pool() holds its own connections: build it once with pool.shared(url) "
+            "and reuse it.",
+            len(pools),
+            pool.config.url.split("?", 1)[0],
+            ceiling,
+        )
+
+
+def open_pools() -> list[Pool[Any]]:
+    return [pool for pools in _open.values() for pool in pools]
+
+
+def closed(pool: Pool[Any], target: str) -> None:
+    pools = _open.get(target)
+    if pools is not None:
+        pools.discard(pool)
+
+
+def forget_after_fork() -> None:
+    """In a forked child: every inherited pool forgets its parent's connections.
+
+    Closing them would close the parent's sessions (they share the sockets), so
+    they are dropped without a word to the server. Shared pools start afresh.
+    """
+    for pool in list(_all):
+        pool._forget_after_fork()
+    _open.clear()
+    shared_registry().clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=forget_after_fork)

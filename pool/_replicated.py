@@ -1,0 +1,322 @@
+"""Read replicas: reads go to a replica, writes and transactions to the primary.
+
+Like Prisma's read-replicas extension: ``$primary()`` and ``$replica()`` are
+:meth:`Replicated.primary` and :meth:`Replicated.replica`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from ._errors import ConfigError, ConnectError, PoolError
+from ._pool import Pool
+from ._stats import PoolStats
+
+__all__ = ["Replicated", "ReplicatedStats"]
+
+logger = logging.getLogger("pool")
+
+_STRATEGIES = ("random", "round_robin")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicatedStats:
+    """``Replicated.stats()``: one :class:`PoolStats` per member."""
+
+    primary: PoolStats
+    replicas: tuple[PoolStats, ...]
+
+
+class Replicated:
+    """A primary pool and replica pools behind one query API.
+
+    ``fetch``, ``fetchrow`` and ``fetchval`` go to a replica (chosen at random,
+    or in turn with ``strategy="round_robin"``); ``execute`` and
+    ``transaction()`` go to the primary. Inside ``async with rp.transaction()``
+    every read through ``rp`` runs on the transaction's own connection, so it
+    sees its own writes. A replica that cannot be reached is skipped (other
+    replicas first, then the primary) with one WARNING, and tried again after
+    ``replica_retry_after`` seconds. With ``read_your_writes=<seconds>``, reads
+    that follow a write in the same task context stay on the primary that long.
+    Keyword settings apply to every member.
+    """
+
+    def __init__(
+        self,
+        primary_url: str,
+        /,
+        replicas: Sequence[str] = (),
+        *,
+        strategy: str = "random",
+        read_your_writes: float | None = None,
+        replica_retry_after: float = 5.0,
+        **overrides: object,
+    ) -> None:
+        if isinstance(replicas, str) or not isinstance(replicas, Sequence):
+            raise ConfigError("replicas", replicas, "must be a list of URLs")
+        if strategy not in _STRATEGIES:
+            raise ConfigError("strategy", strategy, f"must be one of {', '.join(_STRATEGIES)}")
+        for name, value in (
+            ("read_your_writes", read_your_writes),
+            ("replica_retry_after", replica_retry_after),
+        ):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value < math.inf
+            ):
+                raise ConfigError(name, value, "must be a finite number of seconds >= 0")
+        self._primary: Pool[Any] = Pool(primary_url, **overrides)  # type: ignore[arg-type]
+        self._replicas: list[Pool[Any]] = [
+            Pool(url, **overrides)  # type: ignore[arg-type]
+            for url in replicas
+        ]
+        self._round_robin = strategy == "round_robin"
+        self._next = 0
+        self._ryw = read_your_writes
+        self._retry_after = replica_retry_after
+        self._down_until = [0.0] * len(self._replicas)
+        # Per task context: the open transaction's connection, the last write's time.
+        self._tx: ContextVar[Any] = ContextVar(f"pool_tx_{id(self)}", default=None)
+        self._last_write: ContextVar[float] = ContextVar(f"pool_write_{id(self)}", default=-math.inf)
+
+    # ------------------------------------------------------------------ members
+
+    def primary(self) -> Pool[Any]:
+        """The primary's pool (Prisma's ``$primary()``)."""
+        return self._primary
+
+    def replica(self) -> Pool[Any]:
+        """A replica's pool, by the strategy (Prisma's ``$replica()``).
+
+        The primary when there is no healthy replica. Raises :class:`PoolError`
+        inside :meth:`transaction`, where a replica would not see the
+        transaction's writes.
+        """
+        if self._tx.get() is not None:
+            raise PoolError(
+                "replica() was called inside a transaction: a replica cannot see the "
+                "transaction's writes. Read through this object, or use primary()."
+            )
+        return self._read_order()[0]
+
+    def _read_order(self) -> list[Pool[Any]]:
+        """Healthy replicas, starting from the strategy's choice, then the primary."""
+        n = len(self._replicas)
+        if n == 0:
+            return [self._primary]
+        if self._round_robin:
+            start = self._next
+            self._next = (self._next + 1) % n
+        else:
+            start = random.randrange(n)
+        now = time.monotonic()
+        order = [
+            self._replicas[(start + i) % n]
+            for i in range(n)
+            if self._down_until[(start + i) % n] <= now
+        ]
+        order.append(self._primary)
+        return order
+
+    def _mark_down(self, member: Pool[Any], exc: BaseException) -> None:
+        index = self._replicas.index(member)
+        was_up = self._down_until[index] <= time.monotonic()
+        self._down_until[index] = time.monotonic() + self._retry_after
+        if was_up:
+            logger.warning(
+                "replica %s cannot be reached (%s); reading from the others and the primary, "
+                "retrying it in %gs",
+                member.config.url,
+                exc,
+                self._retry_after,
+            )
+
+    def _reads_go_to_primary(self) -> bool:
+        return self._ryw is not None and time.monotonic() - self._last_write.get() < self._ryw
+
+    def _wrote(self) -> None:
+        if self._ryw is not None:
+            self._last_write.set(time.monotonic())
+
+    # ------------------------------------------------------------------ queries
+
+    async def _read(self, call: Callable[[Pool[Any]], Awaitable[Any]], method: str,
+                    sql: str, args: tuple[Any, ...]) -> Any:
+        conn = self._tx.get()
+        if conn is not None:
+            return await getattr(self._primary._driver, method)(conn, sql, args)
+        if self._reads_go_to_primary():
+            return await call(self._primary)
+        for member in self._read_order():
+            if member is self._primary:
+                return await call(member)
+            try:
+                return await call(member)
+            except ConnectError as exc:
+                self._mark_down(member, exc)
+        raise AssertionError("unreachable: the primary ends every read order")
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """All rows, from a replica."""
+        result: list[Any] = await self._read(lambda p: p.fetch(sql, *args), "fetch", sql, args)
+        return result
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        """The first row or None, from a replica."""
+        return await self._read(lambda p: p.fetchrow(sql, *args), "fetchrow", sql, args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row, from a replica."""
+        return await self._read(lambda p: p.fetchval(sql, *args), "fetchval", sql, args)
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        """A statement, on the primary (inside a transaction: on its connection)."""
+        conn = self._tx.get()
+        self._wrote()
+        if conn is not None:
+            return await self._primary._driver.execute(conn, sql, args)
+        return await self._primary.execute(sql, *args)
+
+    def transaction(self, *, timeout: float | None = None) -> _ReplicatedTransaction:
+        """``async with rp.transaction() as conn``: on the primary; reads follow it there."""
+        return _ReplicatedTransaction(self, timeout)
+
+    def acquire(self, *, readonly: bool = False, timeout: float | None = None) -> _Acquire:
+        """A connection from a replica with ``readonly=True``, else from the primary."""
+        return _Acquire(self, readonly, timeout)
+
+    async def release(self, conn: Any) -> None:
+        """Give back a connection taken with ``await rp.acquire(...)``."""
+        for member in (self._primary, *self._replicas):
+            if id(conn) in member._lent:
+                await member.release(conn)
+                return
+        raise PoolError("this connection is not lent by this pool (released twice?)")
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def connect(self) -> None:
+        """Connect the primary (errors raise) and every replica (errors warn)."""
+        await self._primary.connect()
+        for member in self._replicas:
+            try:
+                await member.connect()
+            except ConnectError as exc:
+                self._mark_down(member, exc)
+
+    async def disconnect(self, *, grace: float = 0.0) -> None:
+        """Disconnect every member, at once."""
+        async with anyio.create_task_group() as tg:
+            for member in (self._primary, *self._replicas):
+                tg.start_soon(_disconnect, member, grace)
+
+    def on_before_exit(self, callback: Callable[[], Awaitable[object]]) -> None:
+        """Run ``callback`` when the primary disconnects, before it closes."""
+        self._primary.on_before_exit(callback)
+
+    def stats(self) -> ReplicatedStats:
+        return ReplicatedStats(
+            primary=self._primary.stats(), replicas=tuple(r.stats() for r in self._replicas)
+        )
+
+    async def __aenter__(self) -> Replicated:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.disconnect()
+
+    def __repr__(self) -> str:
+        return f"<Replicated primary={self._primary!r} replicas={self._replicas!r}>"
+
+
+async def _disconnect(member: Pool[Any], grace: float) -> None:
+    await member.disconnect(grace=grace)
+
+
+class _ReplicatedTransaction:
+    __slots__ = ("_inner", "_owner", "_token")
+
+    def __init__(self, owner: Replicated, timeout: float | None) -> None:
+        self._owner = owner
+        self._inner = owner._primary.transaction(timeout=timeout)
+        self._token: Any = None
+
+    async def __aenter__(self) -> Any:
+        if self._owner._tx.get() is not None:
+            raise PoolError("a transaction is already open in this task context")
+        conn = await self._inner.__aenter__()
+        self._token = self._owner._tx.set(conn)
+        self._owner._wrote()
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._owner._tx.reset(self._token)
+        await self._inner.__aexit__(exc_type, exc, tb)
+
+
+class _Acquire:
+    __slots__ = ("_conn", "_member", "_owner", "_readonly", "_timeout")
+
+    def __init__(self, owner: Replicated, readonly: bool, timeout: float | None) -> None:
+        self._owner = owner
+        self._readonly = readonly
+        self._timeout = timeout
+        self._conn: Any = None
+        self._member: Pool[Any] | None = None
+
+    async def _take(self) -> Any:
+        owner = self._owner
+        if not self._readonly or owner._tx.get() is not None or owner._reads_go_to_primary():
+            self._member = owner._primary
+            return await owner._primary._acquire(self._timeout)
+        for member in owner._read_order():
+            self._member = member
+            if member is owner._primary:
+                break
+            try:
+                return await member._acquire(self._timeout)
+            except ConnectError as exc:
+                owner._mark_down(member, exc)
+        return await owner._primary._acquire(self._timeout)
+
+    def __await__(self) -> Any:
+        return self._take().__await__()
+
+    async def __aenter__(self) -> Any:
+        self._conn = await self._take()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._member is not None
+        await self._member._release(self._conn, exc)
+
+
+ReplicatedStats.__module__ = "pool"

@@ -1,0 +1,137 @@
+"""The three real databases the conformance suite runs on, behind one small interface.
+
+Each target knows how to count, from the server's side, the connections a test's
+pool holds, and how to kill one of them on the server.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from tests import servers
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> bool:
+    """Poll ``check`` until it is true (a server-side condition), or time out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.02)
+
+
+@dataclass
+class Target:
+    name: str
+    #: the URL a test's pool uses: tagged so the server can tell its connections apart
+    url: str
+    #: the SQL placeholder for the first argument
+    placeholder: str
+    #: a query that returns its one integer argument
+    select_arg: str = "SELECT ?"
+    _admin: Any = field(default=None, repr=False)
+    _tag: str = ""
+
+    async def start(self) -> None:
+        if self.name == "postgres":
+            import asyncpg
+
+            self._admin = await asyncpg.connect(servers.POSTGRES_URL)
+        elif self.name == "mysql":
+            import aiomysql
+
+            admin = urlsplit(servers.MYSQL_ADMIN_URL)
+            self._admin = await aiomysql.connect(
+                host=admin.hostname, port=admin.port or 3306, user=admin.username,
+                password=admin.password or "", db="test", autocommit=True,
+            )
+            # Sessions of earlier tests' pools may still be going away.
+            await eventually(lambda: self._count_is(0))
+
+    async def stop(self) -> None:
+        if self._admin is not None:
+            if self.name == "postgres":
+                await self._admin.close()
+            else:
+                self._admin.close()
+
+    @property
+    def counts_server_side(self) -> bool:
+        return self.name != "sqlite"
+
+    async def server_count(self) -> int:
+        """How many connections the server sees from this test's pool."""
+        if self.name == "postgres":
+            return int(await self._admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", self._tag
+            ))
+        if self.name == "mysql":
+            async with self._admin.cursor() as cur:
+                await cur.execute(
+                    "SELECT COUNT(*) FROM information_schema.processlist WHERE USER = 'pool_test'"
+                )
+                (count,) = await cur.fetchone()
+                return int(count)
+        raise AssertionError("sqlite has no server to ask")
+
+    async def _count_is(self, expected: int) -> bool:
+        return await self.server_count() == expected
+
+    async def settles_at(self, expected: int) -> bool:
+        """The server's count reaches ``expected`` (closing is asynchronous on the server)."""
+        return await eventually(lambda: self._count_is(expected))
+
+    async def session_id(self, conn: Any) -> int:
+        if self.name == "postgres":
+            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+        if self.name == "mysql":
+            return int(conn.thread_id())
+        return id(conn)
+
+    async def kill(self, session: int) -> None:
+        """Kill one session on the server, and wait until the server says it is gone."""
+        if self.name == "postgres":
+            await self._admin.execute("SELECT pg_terminate_backend($1)", session)
+
+            async def gone() -> bool:
+                return not await self._admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", session
+                )
+        else:
+            async with self._admin.cursor() as cur:
+                await cur.execute(f"KILL {int(session)}")
+
+            async def gone() -> bool:
+                async with self._admin.cursor() as cur:
+                    await cur.execute(
+                        "SELECT COUNT(*) FROM information_schema.processlist WHERE ID = %s",
+                        (session,),
+                    )
+                    (n,) = await cur.fetchone()
+                    return int(n) == 0
+        assert await eventually(gone)
+
+
+def make_target(name: str, tmp_path: Path) -> Target:
+    tag = f"pooltest_{uuid.uuid4().hex[:10]}"
+    if name == "postgres":
+        servers.require(servers.POSTGRES_URL, "PostgreSQL")
+        sep = "&" if "?" in servers.POSTGRES_URL else "?"
+        return Target(
+            name, f"{servers.POSTGRES_URL}{sep}application_name={tag}", "$1",
+            select_arg="SELECT $1::int", _tag=tag,
+        )
+    if name == "mysql":
+        servers.require(servers.MYSQL_URL, "MariaDB")
+        return Target(name, servers.MYSQL_URL, "%s", select_arg="SELECT %s", _tag=tag)
+    return Target(name, f"sqlite:///{tmp_path / 'conformance.db'}", "?", _tag=tag)
