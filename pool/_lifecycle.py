@@ -101,11 +101,8 @@ async def handle_signals(
 
     async def watch() -> None:
         with anyio.open_signal_receiver(*wanted) as received:
-            async for signum in received:
-                await _disconnect_everything(grace)
-                break
-            else:  # pragma: no cover - the receiver never ends by itself
-                return
+            signum = await anext(aiter(received))
+            await _disconnect_everything(grace)
         # Our receiver is gone and the usual handler is back: deliver it again.
         signal.raise_signal(signum)
 

@@ -57,6 +57,9 @@ _CLEANUP_TIMEOUT: Final = 5.0
 
 _CLOSED, _OPEN, _CLOSING = "closed", "open", "closing"
 
+# Connections a forked child inherited from its parent: see Pool._forget_after_fork.
+_INHERITED: list[object] = []
+
 
 def _format_seconds(value: float) -> str:
     """``10.0`` -> ``"10"``, ``0.25`` -> ``"0.25"``: whole numbers print without ``.0``."""
@@ -359,7 +362,15 @@ class Pool(Generic[C]):
             self._driver.terminate(rec.raw)  # a no-op for those already closed
 
     def _forget_after_fork(self) -> None:
-        """In a forked child: drop the parent's connections without closing them."""
+        """In a forked child: drop the parent's connections without closing them.
+
+        They are kept referenced, never collected: collecting an asyncio
+        transport unregisters its socket from the event loop's epoll instance,
+        which the child shares with its parent, and the parent's next query
+        would then wait forever for a reply it is never told about.
+        """
+        _INHERITED.extend(rec.raw for rec in (*self._idle, *self._lent.values()))
+        _INHERITED.extend(rec.raw for rec in self._orphans.values())
         self._idle.clear()
         self._lent.clear()
         self._orphans.clear()

@@ -88,7 +88,9 @@ class Replicated:
         self._down_until = [0.0] * len(self._replicas)
         # Per task context: the open transaction's connection, the last write's time.
         self._tx: ContextVar[Any] = ContextVar(f"pool_tx_{id(self)}", default=None)
-        self._last_write: ContextVar[float] = ContextVar(f"pool_write_{id(self)}", default=-math.inf)
+        self._last_write: ContextVar[float] = ContextVar(
+            f"pool_write_{id(self)}", default=-math.inf
+        )
 
     # ------------------------------------------------------------------ members
 
