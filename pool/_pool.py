@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import sys
 import time
 from collections import OrderedDict, deque
@@ -29,6 +30,7 @@ from types import CodeType, TracebackType
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
+import anyio.abc
 import sniffio
 
 from . import _config, _registry
@@ -55,6 +57,12 @@ _PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__))
 # and drop the socket; it runs shielded, so it must be bounded
 _CLEANUP_TIMEOUT: Final = 5.0
 
+_JITTER: Final = 0.05
+# the circuit breaker's back-off after consecutive connect failures: short, so
+# that the pool is back within a second of the server
+_BACKOFF_FIRST: Final = 0.05
+_BACKOFF_MAX: Final = 0.5
+
 _CLOSED, _OPEN, _CLOSING = "closed", "open", "closing"
 
 # Connections a forked child inherited from its parent: see Pool._forget_after_fork.
@@ -70,16 +78,22 @@ class _Conn:
     """The engine's record of one open connection. Users see only ``raw``."""
 
     __slots__ = (
-        "created_at", "epoch", "expires_at", "idle_since", "lent_at", "raw", "site", "task",
+        "created_at", "epoch", "expires_at", "idle_limit", "idle_since", "leak_reported",
+        "lent_at", "raw", "site", "task",
     )
 
-    def __init__(self, raw: Any, now: float, epoch: int, expires_at: float) -> None:
+    def __init__(self, raw: Any, now: float, epoch: int, lifetime: float, max_idle: float) -> None:
         self.raw = raw
         self.created_at = now
         self.idle_since = now
         self.lent_at = now
-        self.expires_at = expires_at
+        # A little random jitter (up to 5% shorter), so that connections opened
+        # together do not all expire, and reconnect, at the same moment.
+        jitter = 1.0 - random.random() * _JITTER
+        self.expires_at = now + lifetime * jitter
+        self.idle_limit = max_idle * jitter
         self.epoch = epoch
+        self.leak_reported = False
         # who holds it, for diagnosis; set when lent
         self.task: object = None
         self.site: tuple[CodeType, int] | None = None
@@ -98,6 +112,23 @@ class _Waiter:
         self.must_open = False
 
 
+def _server_is_gone(exc: BaseException | None) -> bool:
+    """Does this connect error show the server itself is down (refused, shutting down)?"""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        # PostgreSQL's 57P03 (cannot_connect_now): starting up or shutting down
+        if getattr(exc, "sqlstate", None) == "57P03":
+            return True
+        # MySQL's 2003: can't connect to the server
+        if getattr(exc, "args", (None,))[:1] == (2003,):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 def _task_of(library: str) -> Callable[[], object]:
     if library == "trio":
         import trio
@@ -106,6 +137,24 @@ def _task_of(library: str) -> Callable[[], object]:
     import asyncio
 
     return asyncio.current_task
+
+
+def _check_timeout(timeout: object) -> None:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 <= timeout <= _config.MAX_SECONDS
+    ):
+        raise ConfigError("timeout", timeout, "must be a number of seconds from 0 to 86400")
+
+
+def _check_sql(sql: object) -> None:
+    if type(sql) is not str:
+        raise TypeError(f"sql must be a str, got {type(sql).__name__}")
+
+
+def _site_of(rec: _Conn) -> str:
+    return f"{rec.site[0].co_filename}:{rec.site[1]}" if rec.site else "<unknown>"
 
 
 def _task_name(task: object) -> str:
@@ -167,6 +216,15 @@ class Pool(Generic[C]):
         self._drained: anyio.Event | None = None
         self._server_checked = False
         self._is_shared = False
+        # circuit breaker: consecutive connect failures, and until when to fail fast
+        self._failures = 0
+        self._breaker_until = 0.0
+        self._last_connect_error: ConnectError | None = None
+        # connections opened before this moment are known dead (the server went away)
+        self._retire_before = -math.inf
+        self._leak_threshold = cfg.leak_detection_threshold
+        self._maintenance: anyio.abc.TaskGroup | None = None
+        self._wake_openers_after_put = False
         self._target = _registry.target_of(cfg.scheme, parsed.driver_url)
         _registry.built(self)
 
@@ -209,6 +267,8 @@ class Pool(Generic[C]):
         first-in first-out. ``timeout`` (seconds) overrides ``pool_timeout`` for
         this call; 0 waits forever.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         return _Acquire(self, timeout)
 
     async def release(self, conn: C) -> None:
@@ -221,6 +281,7 @@ class Pool(Generic[C]):
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         """Run a query on a pooled connection and return all rows."""
+        _check_sql(sql)
         conn = await self._acquire(None)
         try:
             result = await self._driver.fetch(conn, sql, args)
@@ -232,6 +293,7 @@ class Pool(Generic[C]):
 
     async def fetchrow(self, sql: str, *args: Any) -> Any | None:
         """Run a query and return its first row, or None."""
+        _check_sql(sql)
         conn = await self._acquire(None)
         try:
             result = await self._driver.fetchrow(conn, sql, args)
@@ -243,6 +305,7 @@ class Pool(Generic[C]):
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Run a query and return the first column of its first row."""
+        _check_sql(sql)
         conn = await self._acquire(None)
         try:
             result = await self._driver.fetchval(conn, sql, args)
@@ -254,6 +317,7 @@ class Pool(Generic[C]):
 
     async def execute(self, sql: str, *args: Any) -> Any:
         """Run a statement; returns what the driver returns (status or row count)."""
+        _check_sql(sql)
         conn = await self._acquire(None)
         try:
             result = await self._driver.execute(conn, sql, args)
@@ -269,6 +333,8 @@ class Pool(Generic[C]):
         Cancellation rolls back too: the connection is closed, which makes the
         server discard the transaction.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         return _Transaction(self, timeout)
 
     async def connect(self) -> None:
@@ -310,11 +376,7 @@ class Pool(Generic[C]):
         self._state = _CLOSING
         closing = PoolClosedError("the pool was disconnected while this call waited")
         try:
-            for waiter in self._waiters:
-                waiter.error = closing
-                waiter.event.set()
-            self._waiters.clear()
-            self._sleepers.clear()
+            self._fail_waiters(closing)
             with anyio.CancelScope(shield=True):
                 idle = list(self._idle)
                 self._idle.clear()
@@ -381,7 +443,17 @@ class Pool(Generic[C]):
         self._state = _CLOSED
 
     async def __aenter__(self) -> Pool[C]:
+        """Connect now, and run the pool's maintenance until the block ends.
+
+        Maintenance closes connections past ``max_idle_connection_lifetime`` or
+        ``max_connection_lifetime`` and reports leaks, even when nobody calls
+        the pool. It runs in a task group that this block owns.
+        """
         await self.connect()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        group.start_soon(self._maintain)
+        self._maintenance = group
         return self
 
     async def __aexit__(
@@ -390,8 +462,74 @@ class Pool(Generic[C]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.disconnect()
+        group, self._maintenance = self._maintenance, None
+        try:
+            if group is not None:
+                group.cancel_scope.cancel()
+                await group.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.disconnect()
+
+    async def _maintain(self) -> None:
+        """Background upkeep, every ``tick`` seconds, for as long as the pool is open."""
+        limits = [
+            x
+            for x in (self._max_idle, self._lifetime, self._leak_threshold or math.inf)
+            if x < math.inf
+        ]
+        tick = min(1.0, max(0.05, min(limits, default=4.0) / 4))
+        while True:
+            await anyio.sleep(tick)
+            if self._state != _OPEN:
+                continue
+            try:
+                expired = self._take_expired()
+                if expired:
+                    await self._close_all(expired)
+                self._report_leaks()
+            except Exception:  # upkeep must never take the pool (or its owner) down
+                logger.exception("pool maintenance failed; it will run again")
+
+    def _take_expired(self) -> list[_Conn]:
+        """Remove the idle connections that expired; they are closed by the caller."""
+        now = time.monotonic()
+        keep: deque[_Conn] = deque()
+        expired: list[_Conn] = []
+        for rec in self._idle:
+            if (
+                now - rec.idle_since >= rec.idle_limit
+                or now >= rec.expires_at
+                or rec.created_at < self._retire_before
+                or not self._driver.is_alive(rec.raw)
+            ):
+                expired.append(rec)
+            else:
+                keep.append(rec)
+        if expired:
+            self._idle = keep
+            self._size -= len(expired)
+            self._closed += len(expired)
+            logger.debug("closing %d expired idle connection(s)", len(expired))
+            self._wake_openers()
+        return expired
+
+    def _report_leaks(self) -> None:
+        threshold = self._leak_threshold
+        if threshold is None:
+            return
+        now = time.monotonic()
+        for rec in self._lent.values():
+            if not rec.leak_reported and now - rec.lent_at > threshold:
+                rec.leak_reported = True
+                logger.warning(
+                    "Possible connection leak: %s has held a connection for %.1fs "
+                    "(leak_detection_threshold=%s); it was acquired at %s",
+                    _task_name(rec.task),
+                    now - rec.lent_at,
+                    _format_seconds(threshold),
+                    _site_of(rec),
+                )
 
     def __repr__(self) -> str:
         return (
@@ -420,9 +558,19 @@ class Pool(Generic[C]):
             rec = idle.pop()
             now = time.monotonic()
             alive = self._driver.is_alive(rec.raw)
-            if alive and now - rec.idle_since < self._check_after and now < rec.expires_at:
+            if (
+                alive
+                and now - rec.idle_since < self._check_after
+                and now < rec.expires_at
+                and rec.created_at >= self._retire_before
+            ):
                 return self._lend(rec)
-            if not alive or now >= rec.expires_at or now - rec.idle_since >= self._max_idle:
+            if (
+                not alive
+                or now >= rec.expires_at
+                or now - rec.idle_since >= rec.idle_limit
+                or rec.created_at < self._retire_before
+            ):
                 self._discard(rec)
             elif await self._ping(rec):
                 # It sat idle long enough to doubt it, and it answered.
@@ -448,6 +596,7 @@ class Pool(Generic[C]):
 
     def _lend(self, rec: _Conn) -> C:
         rec.lent_at = time.monotonic()
+        rec.leak_reported = False
         rec.task = self._current_task()
         # The caller's file:line, for diagnosis. Walk out of this package.
         frame = sys._getframe(2)
@@ -465,9 +614,11 @@ class Pool(Generic[C]):
                 f"{len(self._waiters)} callers already wait for a connection "
                 f"(max_waiting={self._max_waiting}); not queueing another"
             )
+        if self._hopeless():
+            raise self._fail_fast_error()
         waiter = _Waiter()
         self._waiters[waiter] = None
-        if self._size < self._limit and self._opening < len(self._waiters):
+        if self._may_open():
             self._reserve(waiter)
         else:
             self._sleepers[waiter] = None
@@ -526,14 +677,49 @@ class Pool(Generic[C]):
         self._opening -= 1
         self._wake_openers()
 
+    def _may_open(self) -> bool:
+        """Is there spare capacity, and demand not yet covered by an opening?"""
+        if self._size >= self._limit or self._opening >= len(self._waiters):
+            return False
+        if self._failures:
+            # The breaker is open: after the back-off, exactly one probe at a time.
+            return self._opening == 0 and time.monotonic() >= self._breaker_until
+        return True
+
+    def _hopeless(self) -> bool:
+        """Connects keep failing and no connection is out to come back: fail fast."""
+        return (
+            self._failures > 0
+            and not self._lent
+            and not self._idle
+            and self._opening == 0
+            and time.monotonic() < self._breaker_until
+        )
+
+    def _fail_fast_error(self) -> ConnectError:
+        last = self._last_connect_error
+        error = ConnectError(
+            f"{last} (failing fast: {self._failures} connect attempt(s) in a row failed; "
+            f"the next one is tried in {max(0.0, self._breaker_until - time.monotonic()):.2f}s)"
+        )
+        error.__cause__ = last.__cause__ if last is not None else None
+        return error
+
     def _wake_openers(self) -> None:
         """Capacity freed up while callers sleep: wake some to open connections."""
-        while (
-            self._sleepers and self._size < self._limit and self._opening < len(self._waiters)
-        ):
+        while self._sleepers and self._may_open():
             waiter, _ = self._sleepers.popitem(last=True)
             self._reserve(waiter)
             waiter.event.set()
+        if self._waiters and self._hopeless():
+            self._fail_waiters(self._fail_fast_error())
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        for waiter in self._waiters:
+            waiter.error = error
+            waiter.event.set()
+        self._waiters.clear()
+        self._sleepers.clear()
 
     async def _open(self, waiter: _Waiter) -> None:
         """Open one connection on the capacity reserved for ``waiter``.
@@ -552,20 +738,52 @@ class Pool(Generic[C]):
         except BaseException as exc:
             if raw is not None:
                 self._driver.terminate(raw)
+            if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
+                if epoch == self._epoch:
+                    self._size -= 1
+                    self._opening -= 1
+                    self._wake_openers()
+                raise
+            error = self._connect_error(exc)
+            error.__cause__ = exc
             if epoch == self._epoch:
                 self._size -= 1
                 self._opening -= 1
-                self._wake_openers()
-            if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
-                raise
-            raise self._connect_error(exc) from exc
+                self._connect_failed(error, exc)
+            raise error from exc
         if epoch != self._epoch or self._state != _OPEN:
             self._driver.terminate(raw)  # the pool was disconnected meanwhile
             return
+        if self._failures:
+            logger.info("Reconnected to the database after %d failed attempt(s).", self._failures)
+            self._failures = 0
+            self._wake_openers_after_put = True
         self._opening -= 1
         self._opened += 1
         now = time.monotonic()
-        self._put(_Conn(raw, now, epoch, now + self._lifetime))
+        self._put(_Conn(raw, now, epoch, self._lifetime, self._max_idle))
+        if self._wake_openers_after_put:
+            # The breaker just closed: the callers it held back may open now.
+            self._wake_openers_after_put = False
+            self._wake_openers()
+
+    def _connect_failed(self, error: ConnectError, cause: BaseException) -> None:
+        """A connect failed: open the breaker, and retire what the server took with it."""
+        now = time.monotonic()
+        self._failures += 1
+        self._breaker_until = now + min(_BACKOFF_FIRST * 2 ** (self._failures - 1), _BACKOFF_MAX)
+        self._last_connect_error = error
+        if _server_is_gone(cause):
+            # Refused: the server is down or restarting. Every connection opened
+            # before now died with it; close the idle ones, and the lent ones when
+            # they come back.
+            self._retire_before = now
+            for rec in self._idle:
+                self._driver.terminate(rec.raw)
+                self._size -= 1
+                self._closed += 1
+            self._idle.clear()
+        self._wake_openers()
 
     async def _check_server_ceiling(self, raw: C) -> None:
         """Once per start: warn when connection_limit alone exceeds the server's ceiling."""
@@ -623,7 +841,7 @@ class Pool(Generic[C]):
             self._discard(rec)
         elif driver.in_transaction(raw):
             await self._rollback_then_put(rec)
-        elif rec.expires_at <= time.monotonic():
+        elif rec.expires_at <= time.monotonic() or rec.created_at < self._retire_before:
             self._discard(rec)
         else:
             self._put(rec)
@@ -665,7 +883,7 @@ class Pool(Generic[C]):
         return tuple(
             Holder(
                 task=_task_name(rec.task),
-                call_site=f"{rec.site[0].co_filename}:{rec.site[1]}" if rec.site else "?",
+                call_site=_site_of(rec),
                 held_for=now - rec.lent_at,
             )
             for rec in longest

@@ -34,6 +34,7 @@ class FakeDriver:
 
     def __init__(self) -> None:
         self.connects = 0
+        self.attempts = 0
         self.closed: list[FakeConnection] = []
         self.fail_connect: BaseException | None = None
         #: when set, connect() waits for it: the test decides when opening ends
@@ -43,6 +44,7 @@ class FakeDriver:
         self.pings = 0
 
     async def connect(self) -> FakeConnection:
+        self.attempts += 1
         if self.gate is not None:
             await self.gate.wait()
         else:

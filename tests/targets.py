@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import psutil
 
 from tests import servers
 
@@ -104,7 +105,9 @@ class Target:
             await self._admin.execute("SELECT pg_terminate_backend($1)", session)
 
             async def gone() -> bool:
-                return not await self._admin.fetchval(
+                # The server lists the session as gone a moment before the backend
+                # exits and its socket closes: wait for the process itself.
+                return not psutil.pid_exists(session) and not await self._admin.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", session
                 )
         else:

@@ -433,6 +433,123 @@ class TestLifecycle:
         assert not math.isnan(s.wait_seconds)
 
 
+class TestCircuitBreaker:
+    async def test_waiters_fail_fast_while_connects_keep_failing(self) -> None:
+        db, driver = make(limit=3, pool_timeout=30)
+        driver.fail_connect = ConnectionRefusedError("refused")
+        driver.gate = anyio.Event()
+        errors: list[BaseException] = []
+
+        async def caller() -> None:
+            try:
+                await db.acquire()
+            except pool.ConnectError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(2):  # far below pool_timeout: nobody waits it out
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(caller)
+                await wait_all_tasks_blocked()
+                driver.gate.set()
+        assert len(errors) == 6
+        assert all(isinstance(e.__cause__, ConnectionRefusedError) for e in errors)
+        assert driver.attempts == 3  # only the openers tried; the rest failed fast
+        attempts = driver.attempts
+        with pytest.raises(pool.ConnectError, match="failing fast"):
+            await db.acquire()
+        assert driver.attempts == attempts  # within the back-off: no new connect
+        assert_clean(db)
+
+    async def test_one_probe_after_the_back_off_then_recovery(self) -> None:
+        db, driver = make(limit=3)
+        driver.fail_connect = ConnectionRefusedError("refused")
+        with pytest.raises(pool.ConnectError):
+            await db.acquire()
+        driver.fail_connect = None  # the server is back
+        with anyio.fail_after(2):
+            while True:
+                try:
+                    conn = await db.acquire()
+                    break
+                except pool.ConnectError:
+                    await anyio.sleep(0.01)  # the back-off is short; keep asking
+        assert conn.alive
+        await db.release(conn)
+        s = db.stats()
+        assert (s.size, s.in_use) == (1, 0)
+
+    async def test_refused_connects_retire_connections_opened_before(self) -> None:
+        db, driver = make(limit=3)
+        a, b = await db.acquire(), await db.acquire()
+        driver.fail_connect = ConnectionRefusedError("server restarting")
+        with pytest.raises(pool.ConnectError):
+            await db.acquire()  # needs a new connection, and the server refuses: it is gone
+        await db.release(a)
+        await db.release(b)
+        assert not a.alive and not b.alive  # opened before: retired when they came back
+        assert db.stats().size == 0
+
+
+class TestMaintenance:
+    async def test_idle_connections_expire_with_no_calls(self) -> None:
+        db, driver = make(limit=4, max_idle_connection_lifetime=0.1)
+        async with db:
+            conns = [await db.acquire() for _ in range(4)]
+            for conn in conns:
+                await db.release(conn)
+            with anyio.fail_after(2):
+                while len(driver.closed) < 4:
+                    await anyio.sleep(0.01)  # no pool call: only the maintenance acts
+            assert db.stats().size == 0
+        assert all(not c.alive for c in conns)
+
+    async def test_lifetime_rotates_connections(self) -> None:
+        db, _driver = make(limit=1, max_connection_lifetime=0.05)
+        first = await db.acquire()
+        await db.release(first)
+        with anyio.fail_after(2):
+            while (conn := await db.acquire()) is first:
+                await db.release(conn)
+                await anyio.sleep(0.01)
+        await db.release(conn)
+        assert not first.alive
+
+    async def test_leak_detection_names_task_and_call_site(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        db, _ = make(limit=2, leak_detection_threshold=0.05)
+        async with db:
+            async def leaky_worker() -> None:
+                await db.acquire()  # never released
+                await anyio.sleep_forever()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leaky_worker, name="leaky-worker")
+                with anyio.fail_after(2):
+                    while not any("leak" in r.getMessage() for r in caplog.records):
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        [record] = [r for r in caplog.records if "leak" in r.getMessage()]
+        assert record.levelname == "WARNING"
+        assert "leaky-worker" in record.getMessage()
+        assert "test_engine.py:" in record.getMessage()
+
+
+class TestArguments:
+    async def test_bad_timeouts_and_sql(self) -> None:
+        db, _ = make(limit=1)
+        for bad in (-1, float("nan"), "1", True, 1e9):
+            with pytest.raises(pool.ConfigError):
+                db.acquire(timeout=bad)  # type: ignore[arg-type]
+            with pytest.raises(pool.ConfigError):
+                db.transaction(timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await db.fetch(b"SELECT 1")  # type: ignore[arg-type]
+        with pytest.raises(pool.ConfigError):
+            await db.disconnect(grace=-1)
+
+
 class TestRepr:
     async def test_repr_shows_state_not_secrets(self) -> None:
         db = pool.Pool("fake://app:topsecret@db/shop", driver=FakeDriver(), connection_limit=9)

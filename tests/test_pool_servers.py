@@ -33,6 +33,17 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await t.stop()
 
 
+@pytest_asyncio.fixture(params=["postgres", "mysql"])
+async def server_target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
+    """The targets with a server that can kill a session."""
+    t = make_target(request.param, tmp_path)
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.stop()
+
+
 async def make_pool(target: Target, seen: Callable[[object], None], **overrides: Any) -> Any:
     db: pool.Pool[Any] = pool.Pool(target.url, **overrides)
     seen(db)
@@ -258,31 +269,27 @@ class TestRelease:
                 await db.execute(f"DROP TABLE {table}")
 
     async def test_a_connection_killed_while_idle_is_never_lent_again(
-        self, target: Target, seen: Callable[[object], None]
+        self, server_target: Target, seen: Callable[[object], None]
     ) -> None:
-        if not target.counts_server_side:
-            pytest.skip("sqlite has no server to kill a session")
-        db = await make_pool(target, seen, connection_limit=2)
+        db = await make_pool(server_target, seen, connection_limit=2)
         async with db:
             conn = await db.acquire()
-            session = await target.session_id(conn)
+            session = await server_target.session_id(conn)
             await db.release(conn)
-            await target.kill(session)
+            await server_target.kill(session)
             async with db.acquire() as fresh:
                 assert fresh is not conn
-                assert await target.session_id(fresh) != session
+                assert await server_target.session_id(fresh) != session
             assert await db.fetchval("SELECT 1") == 1
             assert db.stats().closed >= 1
 
     async def test_a_connection_broken_while_held_is_closed_not_returned(
-        self, target: Target, seen: Callable[[object], None]
+        self, server_target: Target, seen: Callable[[object], None]
     ) -> None:
-        if not target.counts_server_side:
-            pytest.skip("sqlite has no server to kill a session")
-        db = await make_pool(target, seen, connection_limit=1)
+        db = await make_pool(server_target, seen, connection_limit=1)
         async with db:
             conn = await db.acquire()
-            await target.kill(await target.session_id(conn))
+            await server_target.kill(await server_target.session_id(conn))
             with pytest.raises(Exception) as info:
                 await db._driver.fetchval(conn, "SELECT 1", ())
             seen(info.value)

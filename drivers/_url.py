@@ -1,0 +1,156 @@
+"""URL handling shared by the drivers: strict parameters, and a form safe to print.
+
+Every driver reads its URL with these helpers so that all three agree on the
+rules: a parameter given twice is an error, an unknown parameter is an error
+(a typo must not pass silently), and no message or ``repr`` ever carries the
+password.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
+
+from . import InvalidParameter
+
+__all__ = [
+    "HIDDEN",
+    "check_known",
+    "parse_bool",
+    "parse_choice",
+    "parse_host_port",
+    "parse_nonnegative_int",
+    "parse_seconds",
+    "query_params",
+    "redact",
+    "split",
+    "user_and_password",
+]
+
+#: what stands in for a password in everything we print
+HIDDEN = "***"
+
+
+def split(url: str) -> SplitResult:
+    """Split ``url``, refusing the shapes that would put a password in a message.
+
+    A ``/``, ``?``, ``#`` or ``@`` left unencoded in a password moves the rest of
+    the password into the host, path, query or fragment, and from there into an
+    error message about them. An ``@`` after the authority is the sign of it, so
+    we refuse the URL without echoing any of it.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": a '[' or ']' without its pair
+        raise InvalidParameter(
+            "url",
+            url.partition(":")[0] + "://" + HIDDEN,
+            "must have a host that is a name, an IPv4 address or an [IPv6] address",
+        ) from None
+    keys = (key for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+    if "@" in parts.path or "@" in parts.fragment or any("@" in key for key in keys):
+        raise InvalidParameter(
+            "url",
+            parts.scheme + "://" + HIDDEN,
+            "must percent-encode '/', '?', '#' and '@' in the user name and password"
+            " (as %2F, %3F, %23 and %40)",
+        )
+    if parts.fragment:
+        # A database URL has no use for a fragment; it is most likely a '#'
+        # that belonged to a password, so it is not echoed either.
+        raise InvalidParameter("url", parts.scheme + "://" + HIDDEN, "must not have a #fragment")
+    return parts
+
+
+def redact(parts: SplitResult) -> str:
+    """The URL with its password, if any, replaced by ``***``."""
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":" + HIDDEN
+    return urlunsplit(parts._replace(netloc=userinfo + at + hostinfo))
+
+
+def user_and_password(parts: SplitResult) -> tuple[str | None, str | None]:
+    """The percent-decoded user and password; None where the URL has none."""
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if not at:
+        return None, None
+    user, colon, password = userinfo.partition(":")
+    return (unquote(user) or None), (unquote(password) if colon else None)
+
+
+def parse_host_port(parts: SplitResult) -> tuple[str | None, int | None]:
+    """The host (brackets of an IPv6 literal removed) and the port, both optional.
+
+    Parsed by hand rather than with ``SplitResult.port`` so that a bad port is
+    reported with the text the user wrote, and a port of 0 is refused too.
+    """
+    hostinfo = parts.netloc.rpartition("@")[2]
+    if hostinfo.startswith("["):
+        host, bracket, rest = hostinfo[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise InvalidParameter("host", hostinfo, "must be a name, an IPv4 or an [IPv6] address")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, _, port_text = hostinfo.partition(":")
+        if "," in host:
+            raise InvalidParameter(
+                "host", host, "must be one host; lists of hosts are not supported"
+            )
+    port: int | None = None
+    if port_text:
+        if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            raise InvalidParameter("port", port_text, "must be a whole number from 1 to 65535")
+        port = int(port_text)
+    elif hostinfo.endswith(":"):
+        raise InvalidParameter("port", "", "must be a whole number from 1 to 65535")
+    return (unquote(host) or None), port
+
+
+def query_params(parts: SplitResult) -> dict[str, str]:
+    """The query parameters, decoded; a parameter given twice is an error."""
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in params:
+            raise InvalidParameter(key, value, "is given more than once")
+        params[key] = value
+    return params
+
+
+def check_known(params: Iterable[str], known: Collection[str], driver: str) -> None:
+    """Refuse the first parameter that ``driver`` does not know."""
+    for key in params:
+        if key not in known:
+            # The value is not echoed: a misspelt "pasword=" must not leak.
+            raise InvalidParameter(
+                key, key, f"is not a parameter of the {driver} driver (it knows {', '.join(known)})"
+            )
+
+
+def parse_bool(name: str, text: str) -> bool:
+    if text not in ("true", "false"):
+        raise InvalidParameter(name, text, "must be true or false")
+    return text == "true"
+
+
+def parse_choice(name: str, text: str, choices: Collection[str]) -> str:
+    if text not in choices:
+        raise InvalidParameter(name, text, "must be one of " + ", ".join(choices))
+    return text
+
+
+def parse_nonnegative_int(name: str, text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidParameter(name, text, "must be a whole number >= 0")
+    return int(text)
+
+
+def parse_seconds(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidParameter(name, text, "must be a number of seconds >= 0")
+    return value
