@@ -41,3 +41,10 @@ def require(url: str, what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+REPLICA_URL = os.environ.get(
+    "POOL_TEST_REPLICA_URL", f"postgresql://postgres:{SECRET}@127.0.0.1:5433/test"
+)
+PGBOUNCER_URL = os.environ.get(
+    "POOL_TEST_PGBOUNCER_URL", f"postgresql://postgres:{SECRET}@127.0.0.1:6433/test"
+)
