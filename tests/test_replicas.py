@@ -56,7 +56,9 @@ def replicated(seen: Callable[[object], None], **kwargs: Any) -> pool.Replicated
 
 
 class TestRouting:
-    async def test_reads_go_to_the_replica(self, table: str, seen: Callable[[object], None]) -> None:
+    async def test_reads_go_to_the_replica(
+        self, table: str, seen: Callable[[object], None]
+    ) -> None:
         async with replicated(seen) as rp:
             assert await rp.fetchval("SELECT pg_is_in_recovery()") is True
             assert await rp.primary().fetchval("SELECT pg_is_in_recovery()") is False
