@@ -207,6 +207,17 @@ def create(
         schema = params["schema"]
         if not schema or "\0" in schema:
             raise InvalidParameter("schema", schema, "must be a non-empty name without NUL")
+        if pgbouncer:
+            # PgBouncer (1.18 in transaction mode) cannot carry a search_path startup
+            # parameter to the server: it refuses it, or drops it without a word when
+            # listed in ignore_startup_parameters. Either way the schema would not hold.
+            raise InvalidParameter(
+                "schema",
+                schema,
+                "cannot be honoured with pgbouncer=true (PgBouncer does not pass a "
+                "search_path to the server); qualify table names, or set the role's "
+                "search_path with ALTER ROLE ... SET search_path",
+            )
         server_settings["search_path"] = quote_identifier(schema)
     for name in ("application_name", "options"):
         if name in params:

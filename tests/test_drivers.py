@@ -375,6 +375,7 @@ REJECTED = [
     ("postgresql://h/db?statement_cache_size=1.5", "statement_cache_size"),
     ("postgresql://h/db?pgbouncer=yes", "pgbouncer"),
     ("postgresql://h/db?pgbouncer=true&statement_cache_size=10", "statement_cache_size"),
+    ("postgresql://h/db?pgbouncer=true&schema=app", "schema"),
     ("postgresql://h/db?schema=", "schema"),
     ("postgresql://h/db?schema=a%00b", "schema"),
     ("postgresql://h/db?application_name=a%00b", "application_name"),
