@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import CodeType, FrameType, TracebackType
 from typing import Any, Final, Generic, TypeVar
 
@@ -170,11 +170,6 @@ def _check_timeout(timeout: object) -> None:
         raise ConfigError("timeout", timeout, "must be a number of seconds from 0 to 86400")
 
 
-def _check_sql(sql: object) -> None:
-    if type(sql) is not str:
-        raise TypeError(f"sql must be a str, got {type(sql).__name__}")
-
-
 def _site_of(rec: _Conn) -> str:
     code = rec.site_code
     return f"{code.co_filename}:{rec.site_line}" if code is not None else "<unknown>"
@@ -306,57 +301,35 @@ class Pool(Generic[C]):
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         """Run a query on a pooled connection and return all rows."""
-        _check_sql(sql)
-        conn = self._take_idle()
-        if conn is None:
-            conn = await self._acquire(None)
-        try:
-            result = await self._driver.fetch(conn, sql, args)
-        except BaseException as exc:
-            await self._release(conn, exc)
-            raise
-        if not self._give_back(conn):
-            await self._release(conn, None)
-        return result
+        rows: list[Any] = await self._run(self._driver.fetch, sql, args)
+        return rows
 
     async def fetchrow(self, sql: str, *args: Any) -> Any | None:
         """Run a query and return its first row, or None."""
-        _check_sql(sql)
-        conn = self._take_idle()
-        if conn is None:
-            conn = await self._acquire(None)
-        try:
-            result = await self._driver.fetchrow(conn, sql, args)
-        except BaseException as exc:
-            await self._release(conn, exc)
-            raise
-        if not self._give_back(conn):
-            await self._release(conn, None)
-        return result
+        return await self._run(self._driver.fetchrow, sql, args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Run a query and return the first column of its first row."""
-        _check_sql(sql)
-        conn = self._take_idle()
-        if conn is None:
-            conn = await self._acquire(None)
-        try:
-            result = await self._driver.fetchval(conn, sql, args)
-        except BaseException as exc:
-            await self._release(conn, exc)
-            raise
-        if not self._give_back(conn):
-            await self._release(conn, None)
-        return result
+        return await self._run(self._driver.fetchval, sql, args)
 
     async def execute(self, sql: str, *args: Any) -> Any:
         """Run a statement; returns what the driver returns (status or row count)."""
-        _check_sql(sql)
+        return await self._run(self._driver.execute, sql, args)
+
+    async def _run(
+        self,
+        call: Callable[[C, str, Sequence[Any]], Awaitable[Any]],
+        sql: str,
+        args: tuple[Any, ...],
+    ) -> Any:
+        """Acquire, run one driver call, release: the body of the query helpers."""
+        if type(sql) is not str:
+            raise TypeError(f"sql must be a str, got {type(sql).__name__}")
         conn = self._take_idle()
         if conn is None:
             conn = await self._acquire(None)
         try:
-            result = await self._driver.execute(conn, sql, args)
+            result = await call(conn, sql, args)
         except BaseException as exc:
             await self._release(conn, exc)
             raise
@@ -698,7 +671,16 @@ class Pool(Generic[C]):
                     if waiter.must_open:
                         await self._open(waiter)
                         continue
-                    await waiter.event.wait()
+                    if self._failures:
+                        # The breaker is open, and nothing may wake us when its
+                        # back-off ends: look again then (we may be the probe).
+                        with anyio.move_on_after(self._breaker_until - time.monotonic()):
+                            await waiter.event.wait()
+                        if not waiter.event.is_set():
+                            self._wake_openers()
+                            continue
+                    else:
+                        await waiter.event.wait()
                     if waiter.conn is not None:
                         # Cancelled as it was handed the connection? Then it must
                         # pass it on (in the except below), not carry it away.

@@ -491,6 +491,19 @@ class TestCircuitBreaker:
         assert db.stats().size == 0
 
 
+    async def test_a_sleeping_waiter_probes_when_the_back_off_ends(self) -> None:
+        db, driver = make(limit=2, pool_timeout=5)
+        holder = await db.acquire()  # lent: so waiters are not failed fast
+        driver.fail_connect = ConnectionRefusedError("refused")
+        with pytest.raises(pool.ConnectError):
+            async with db.acquire():
+                pass
+        driver.fail_connect = None  # the server is back; nobody releases anything
+        with anyio.fail_after(2):  # well before pool_timeout
+            async with db.acquire() as conn:
+                assert conn is not holder and conn.alive
+
+
 class TestMaintenance:
     async def test_idle_connections_expire_with_no_calls(self) -> None:
         db, driver = make(limit=4, max_idle_connection_lifetime=0.1)
