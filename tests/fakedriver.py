@@ -41,12 +41,16 @@ class FakeDriver:
         self.gate: anyio.Event | None = None
         self.query_gate: anyio.Event | None = None
         self.ping_fails = False
+        #: seconds each connect takes (models a slow network or TLS handshake)
+        self.connect_delay = 0.0
         self.pings = 0
 
     async def connect(self) -> FakeConnection:
         self.attempts += 1
         if self.gate is not None:
             await self.gate.wait()
+        elif self.connect_delay:
+            await anyio.sleep(self.connect_delay)
         else:
             await anyio.lowlevel.checkpoint()
         if self.fail_connect is not None:

@@ -97,7 +97,7 @@ class TestFifo:
             await wait_all_tasks_blocked()
             tg.start_soon(worker, "second")
             await wait_all_tasks_blocked()
-            assert db.stats().opening == 2
+            assert db.stats().opening == 1  # slow start: one opening while none is open
             driver.gate.set()
         assert [name for name, _ in got] == ["first", "second"]
 
@@ -150,6 +150,26 @@ class TestGrowth:
         assert peak <= 7
         assert driver.connects == 7
         assert db.stats().size == 7
+
+    async def test_a_spike_of_quick_requests_does_not_open_the_whole_limit(self) -> None:
+        db, driver = make(limit=10)
+        driver.connect_delay = 0.05  # opening is slow; each request is quick
+        served = 0
+
+        async def request() -> None:
+            nonlocal served
+            async with db.acquire():
+                served += 1
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(request)
+            await wait_all_tasks_blocked()
+            assert db.stats().opening == 1  # growth starts at one and doubles
+        assert served == 50
+        # the first connection served the queue before a second one was even needed
+        assert driver.connects <= 2
 
     async def test_opens_only_when_none_is_idle(self) -> None:
         db, driver = make(limit=5)
@@ -454,7 +474,7 @@ class TestCircuitBreaker:
                 driver.gate.set()
         assert len(errors) == 6
         assert all(isinstance(e.__cause__, ConnectionRefusedError) for e in errors)
-        assert driver.attempts == 3  # only the openers tried; the rest failed fast
+        assert driver.attempts == 1  # one opener tried; everyone else failed fast
         attempts = driver.attempts
         with pytest.raises(pool.ConnectError, match="failing fast"):
             await db.acquire()
