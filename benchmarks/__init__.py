@@ -1,0 +1,14 @@
+"""poolbench: this pool beside its peers, on the same workloads, in one process.
+
+Run it as ``poolbench`` or ``python -m benchmarks``::
+
+    poolbench                                   # embedded SQLite, this pool only
+    poolbench --url postgresql://app@db/bench   # + asyncpg, psycopg_pool, SQLAlchemy
+    poolbench --url mysql://root@db/bench       # + aiomysql
+    poolbench --quick --json out.json --plot out.png
+
+The method is HikariCP's: the same workloads run on every pool, in alternating
+order over several rounds; each figure is the median with its spread, and the
+results are ratios (to this pool, and to the physical limit: raw connections
+with no pool at all). See ``python -m benchmarks --help``.
+"""
