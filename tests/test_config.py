@@ -142,3 +142,32 @@ class TestPublicSurface:
     def test_nothing_public_is_missing_from_all(self) -> None:
         public = {n for n in vars(pool) if not n.startswith("_")}
         assert public == set(pool.__all__)
+
+
+class TestDriverLoading:
+    def test_importing_pool_imports_no_driver_library(self) -> None:
+        import subprocess
+        import sys
+
+        code = (
+            "import sys, pool; "
+            "loaded = [m for m in ('asyncpg', 'aiomysql', 'pymysql', 'drivers.postgres', "
+            "'drivers.mysql') if m in sys.modules]; "
+            "pool.Pool('sqlite:///x.db'); "
+            "loaded += [m for m in ('asyncpg', 'aiomysql') if m in sys.modules]; "
+            "print(loaded)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "[]"
+
+    def test_a_missing_driver_package_names_the_extra(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import sys
+
+        monkeypatch.setitem(sys.modules, "asyncpg", None)  # as if not installed
+        monkeypatch.delitem(sys.modules, "drivers.postgres", raising=False)
+        with pytest.raises(pool.ConfigError, match=r"pip install 'pool\[postgres\]'"):
+            pool.Pool("postgresql://app@127.0.0.1/shop")
