@@ -732,11 +732,15 @@ class Pool(Generic[C]):
 
     async def _acquire_slow(self, wait_for: float | None) -> C:
         if self._max_waiting and len(self._waiters) >= self._max_waiting:
+            # Even a refusal yields once: a caller that retries in a loop must not
+            # starve the other tasks of the event loop.
+            await anyio.lowlevel.checkpoint()
             raise TooManyWaitersError(
                 f"{len(self._waiters)} callers already wait for a connection "
                 f"(max_waiting={self._max_waiting}); not queueing another"
             )
         if self._hopeless():
+            await anyio.lowlevel.checkpoint()
             raise self._fail_fast_error()
         waiter = _Waiter(self._loop)
         self._waiters[waiter] = None
@@ -772,10 +776,23 @@ class Pool(Generic[C]):
                         break
                     if waiter.must_open:
                         await self._open_before(waiter, deadline)
+                        if (
+                            waiter.conn is None
+                            and waiter.error is None
+                            and not waiter.timed_out
+                            and waiter in self._waiters
+                        ):
+                            # Its new connection went to an older waiter (or the
+                            # opening failed): it waits again, and may be woken to
+                            # open again when capacity frees up.
+                            waiter.rearm()
+                            self._sleepers[waiter] = None
+                            self._wake_openers()
                         continue
-                    if self._failures:
+                    if self._failures and time.monotonic() < self._breaker_until:
                         # The breaker is open, and nothing may wake us when its
                         # back-off ends: look again then (we may be the probe).
+                        # After it ends, a probe is in flight: its outcome wakes us.
                         with anyio.move_on_after(self._breaker_until - time.monotonic()):
                             await waiter.wait()
                         if not waiter.woken():
@@ -977,6 +994,10 @@ class Pool(Generic[C]):
                 self._closed += 1
             self._idle.clear()
         self._wake_openers()
+        # Callers already asleep wait with no timer: wake them, so that each
+        # looks again when this back-off ends (one of them will be the probe).
+        for waiter in self._sleepers:
+            waiter.wake()
 
     async def _check_server_ceiling(self, raw: C) -> None:
         """Once per start: warn when connection_limit alone exceeds the server's ceiling."""
