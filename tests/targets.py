@@ -35,7 +35,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
 class Target:
     name: str
     #: the URL a test's pool uses: tagged so the server can tell its connections apart
-    url: str
+    url: str = field(repr=False)
     #: the SQL placeholder for the first argument
     placeholder: str
     #: a query that returns its one integer argument
