@@ -87,6 +87,39 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _quiet_cancelled_tls_negotiation() -> None:
+    """Stop asyncpg from logging an error when a connect is cancelled early.
+
+    asyncpg negotiates TLS (``sslmode=prefer``, its default) with a protocol
+    whose ``on_data`` future is awaited only once the TCP connection exists. A
+    connect cancelled just as that connection is made closes the transport, and
+    ``connection_lost`` sets an exception on the future nobody awaits: asyncio
+    then logs "Future exception was never retrieved ... unexpected
+    connection_lost() call" at ERROR. The pool cancels connects on purpose (a
+    waiter served by a released connection abandons its opening), so we mark
+    that exception as seen. Whoever does await the future still gets it.
+    """
+    from asyncpg import connect_utils
+
+    base = getattr(connect_utils, "TLSUpgradeProto", None)
+    if base is None or getattr(base, "_pool_quiet", False):
+        return
+
+    class QuietTLSUpgradeProto(base):  # type: ignore[misc, valid-type]
+        _pool_quiet = True
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            future = self.on_data
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: nothing to log at garbage collection
+
+    connect_utils.TLSUpgradeProto = QuietTLSUpgradeProto
+
+
+_quiet_cancelled_tls_negotiation()
+
+
 class PostgresDriver:
     """The adapter. Its connection type is asyncpg's own ``Connection``."""
 
