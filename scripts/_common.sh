@@ -3,7 +3,10 @@
 # The caller sets PROG (its name in messages) and `set -euo pipefail`.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-STATE="$REPO/.servers" # git-ignored
+# The servers belong to the machine, not to a checkout: every clone on it (CI runs
+# in a fresh one) must find and reuse the same replica, PgBouncer and fault cluster
+# instead of starting a second set on the same ports.
+STATE="${POOL_SERVERS_DIR:-/var/lib/pool-test-servers}"
 PG_USER=postgres
 
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
@@ -73,7 +76,7 @@ ensure_pg_rundir() {
 	[ -d /var/run/postgresql ] || install -d -o "$PG_USER" -g "$PG_USER" -m 2775 /var/run/postgresql
 }
 
-# ensure_state_dir DIR: DIR (under .servers) exists, owned by postgres, and postgres can reach it.
+# ensure_state_dir DIR: DIR (under $STATE) exists, owned by postgres, and postgres can reach it.
 ensure_state_dir() {
 	[ -d "$STATE" ] || install -d -m 0755 "$STATE"
 	[ -d "$1" ] || install -d -o "$PG_USER" -g "$PG_USER" -m "${2:-0755}" "$1"
@@ -86,7 +89,7 @@ ensure_state_dir() {
 sock_dir() {
 	local d="$STATE/$1"
 	if [ $((${#d} + 14)) -gt 100 ]; then
-		d="/tmp/pool-$(printf %s "$REPO" | md5sum | cut -c1-10)-$1"
+		d="/tmp/pool-$(printf %s "$STATE" | md5sum | cut -c1-10)-$1"
 	fi
 	printf %s "$d"
 }

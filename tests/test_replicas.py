@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,8 @@ from tests.targets import eventually
 pytestmark = pytest.mark.asyncio
 
 REPO = Path(__file__).resolve().parent.parent
-REPLICA_DIR = REPO / ".servers" / "replica"
+# where scripts/servers keeps the replica (machine-wide: every checkout shares it)
+REPLICA_DIR = Path(os.environ.get("POOL_SERVERS_DIR", "/var/lib/pool-test-servers")) / "replica"
 
 
 def pg_ctl(*args: str) -> None:
