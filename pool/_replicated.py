@@ -6,6 +6,7 @@ Like Prisma's read-replicas extension: ``$primary()`` and ``$replica()`` are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -88,6 +89,7 @@ class Replicated:
         self._down_until = [0.0] * len(self._replicas)
         # Per task context: the open transaction's connection, the last write's time.
         self._tx: ContextVar[Any] = ContextVar(f"pool_tx_{id(self)}", default=None)
+        self._members_open: contextlib.AsyncExitStack | None = None  # under "async with"
         self._last_write: ContextVar[float] = ContextVar(
             f"pool_write_{id(self)}", default=-math.inf
         )
@@ -233,7 +235,24 @@ class Replicated:
         )
 
     async def __aenter__(self) -> Replicated:
-        await self.connect()
+        """Connect every member and run each one's maintenance until the block ends.
+
+        The primary must connect; a replica that cannot is skipped with a WARNING
+        (reads go elsewhere) and connects lazily once it is back.
+        """
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self._primary)
+            for member in self._replicas:
+                try:
+                    await stack.enter_async_context(member)
+                except ConnectError as exc:
+                    self._mark_down(member, exc)
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._members_open = stack
         return self
 
     async def __aexit__(
@@ -242,8 +261,13 @@ class Replicated:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.disconnect()
+        stack, self._members_open = self._members_open, None
+        try:
+            if stack is not None:
+                await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.disconnect()  # members a callback reconnected, and lazy ones
 
     def __repr__(self) -> str:
         return f"<Replicated primary={self._primary!r} replicas={self._replicas!r}>"

@@ -120,6 +120,18 @@ class TestRouting:
             assert [s.acquired for s in stats.replicas] == [2 + 1, 2 + 1]  # + connect()
         assert rp.stats().primary.size == 0
 
+    async def test_async_with_runs_every_members_maintenance(
+        self, seen: Callable[[object], None]
+    ) -> None:
+        servers.require(servers.REPLICA_URL, "the PostgreSQL replica")
+        async with replicated(seen, max_idle_connection_lifetime=0.2) as rp:
+            await rp.fetchval("SELECT 1")
+            await rp.execute("SELECT 1")
+            assert rp.stats().primary.size == 1 and rp.stats().replicas[0].size == 1
+            with anyio.fail_after(3):  # no calls: only the members' maintenance acts
+                while rp.stats().primary.size or rp.stats().replicas[0].size:
+                    await anyio.sleep(0.05)
+
     async def test_bad_arguments(self) -> None:
         with pytest.raises(pool.ConfigError):
             pool.Replicated(servers.POSTGRES_URL, replicas=servers.REPLICA_URL)
