@@ -14,6 +14,13 @@ There is no background task for growth: a waiter that finds spare capacity
 opens the connection itself, inside its own ``pool_timeout``, and the finished
 connection goes to the *oldest* waiter, which keeps FIFO order strict. This is
 what lets the pool connect lazily, like Prisma, with no task group to host.
+Growth is a slow start (openings in flight never outnumber open connections),
+and an opener served by a released connection first abandons its opening.
+
+On asyncio a waiter awaits a bare future and the waiters on the pool's own
+timeout share one loop timer (``_timed``); on trio it waits on an anyio Event
+inside a cancel scope. Background maintenance (expiry, leak reports) runs only
+in the task group that ``async with pool:`` owns.
 """
 
 from __future__ import annotations
