@@ -19,7 +19,10 @@ import psutil
 from ._driver import SUPPORTED_SCHEMES
 from ._errors import ConfigError
 
-__all__ = ["PoolConfig", "default_connection_limit", "parse", "redact_url", "secrets_of"]
+__all__ = [
+    "PoolConfig", "check_seconds", "default_connection_limit", "parse", "redact_url",
+    "secrets_of",
+]
 
 #: no pool may hold more connections than this; a larger value is a typo
 MAX_CONNECTION_LIMIT = 10_000
@@ -86,6 +89,17 @@ def secrets_of(url: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- values
+
+
+def check_seconds(name: str, value: object) -> float:
+    """An argument in seconds: a real number from 0 to a day, else ConfigError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_SECONDS
+    ):
+        raise ConfigError(name, value, f"must be a number of seconds from 0 to {MAX_SECONDS:.0f}")
+    return float(value)
 
 
 def _seconds(*, none_when_zero: bool) -> Callable[[str, object], float | None]:

@@ -95,8 +95,7 @@ async def handle_signals(
     would have (``KeyboardInterrupt`` for SIGINT, termination for SIGTERM). Must
     be entered in the main thread.
     """
-    if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
-        raise ConfigError("grace", grace, "must be a number of seconds >= 0")
+    _config.check_seconds("grace", grace)
     wanted = tuple(signals)
 
     async def watch() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 
+from . import _config
 from ._errors import ConfigError, ConnectError, PoolError
 from ._pool import Pool
 from ._stats import PoolStats
@@ -67,16 +68,9 @@ class Replicated:
             raise ConfigError("replicas", replicas, "must be a list of URLs")
         if strategy not in _STRATEGIES:
             raise ConfigError("strategy", strategy, f"must be one of {', '.join(_STRATEGIES)}")
-        for name, value in (
-            ("read_your_writes", read_your_writes),
-            ("replica_retry_after", replica_retry_after),
-        ):
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0 <= value < math.inf
-            ):
-                raise ConfigError(name, value, "must be a finite number of seconds >= 0")
+        if read_your_writes is not None:
+            _config.check_seconds("read_your_writes", read_your_writes)
+        _config.check_seconds("replica_retry_after", replica_retry_after)
         self._primary: Pool[Any] = Pool(primary_url, **overrides)  # type: ignore[arg-type]
         self._replicas: list[Pool[Any]] = [
             Pool(url, **overrides)  # type: ignore[arg-type]
