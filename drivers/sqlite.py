@@ -24,8 +24,10 @@ Quirks:
 - sqlite3 is blocking, so every call runs in a worker thread, and its
   connections are opened with ``check_same_thread=False`` because the next
   call may run on another thread. A cancelled call still waits for its thread
-  to finish (the statement is not interrupted), which is what makes it safe
-  to close the connection right after.
+  to finish (the statement is not interrupted). A terminate that comes while
+  a statement runs (``disconnect()`` after its grace) interrupts it and leaves
+  the close to the worker thread: closing under a running statement would
+  crash the process.
 - Connections are in autocommit mode (``isolation_level=None``), so the
   module never opens transactions behind the user's back; ``BEGIN`` is
   explicit, as on the servers. A plain ``BEGIN`` is DEFERRED: a transaction
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -89,11 +92,19 @@ class SQLiteConnection:
     on ``.raw``). Rows are tuples.
     """
 
-    __slots__ = ("_closed", "raw")
+    __slots__ = ("_busy", "_close_pending", "_closed", "_lock", "raw")
 
     def __init__(self, raw: sqlite3.Connection) -> None:
         self.raw = raw
         self._closed = False
+        # A statement may still run in a worker thread when the pool must close
+        # the connection (disconnect() after its grace, a cancelled holder):
+        # closing it under the statement crashes the process. The lock makes
+        # "is a statement running?" and "close" one step; a close that finds a
+        # statement running interrupts it and leaves the close to its thread.
+        self._lock = threading.Lock()
+        self._busy = False
+        self._close_pending = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -129,25 +140,46 @@ class SQLiteConnection:
 
     async def close(self) -> None:
         """Close; an open transaction is rolled back."""
-        self._closed = True
-        await self._run(self.raw.close)
+        await anyio.to_thread.run_sync(self.terminate)
 
     def terminate(self) -> None:
-        """Close now, from the event loop thread. Never raises.
+        """Close now, from any thread. Never raises.
 
-        Safe without a worker thread only because no call is in progress: a
-        call in progress keeps its caller awaiting (a cancelled one too, until
-        its thread is done), and the pool terminates only connections that
-        nobody is awaiting.
+        If a statement is running in a worker thread, it is interrupted and the
+        thread closes the connection when the statement ends: closing a
+        connection under a running statement would crash the process.
         """
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._busy:
+                self._close_pending = True
+                with contextlib.suppress(Exception):
+                    self.raw.interrupt()
+                return
         with contextlib.suppress(Exception):
             self.raw.close()
+
+    def _in_thread(self, call: Callable[[], T]) -> T:
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            self._busy = True
+        try:
+            return call()
+        finally:
+            with self._lock:
+                self._busy = False
+                pending, self._close_pending = self._close_pending, False
+            if pending:
+                with contextlib.suppress(Exception):
+                    self.raw.close()
 
     async def _run(self, call: Callable[[], T]) -> T:
         # Not abandon_on_cancel: a cancelled caller waits for the thread, so
         # the connection is never in use by a thread nobody is awaiting.
-        return await anyio.to_thread.run_sync(call)
+        return await anyio.to_thread.run_sync(self._in_thread, call)
 
 
 class SQLiteDriver:

@@ -35,8 +35,9 @@ def shared(url: str, /, **overrides: object) -> Pool[Any]:
     db = registry.get(key)
     if db is None:
         db = Pool(url, **overrides)  # type: ignore[arg-type]  # validated above
-        db._is_shared = True
+        _registry.mark_shared(db)
         registry[key] = db
+    assert isinstance(db, Pool)
     return db
 
 

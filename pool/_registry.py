@@ -16,14 +16,14 @@ import logging
 import os
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from ._pool import Pool
+from ._config import PoolConfig
 
 __all__ = [
-    "built", "closed", "forget_after_fork", "open_pools", "opened", "shared_registry", "target_of",
+    "Registered", "built", "closed", "forget_after_fork", "mark_shared", "open_pools", "opened",
+    "shared_registry", "target_of",
 ]
 
 logger = logging.getLogger("pool")
@@ -31,9 +31,20 @@ logger = logging.getLogger("pool")
 _REGISTRY_ATTR = "_pool_shared_registry"
 
 
-def shared_registry() -> dict[tuple[Any, ...], Pool[Any]]:
+class Registered(Protocol):
+    """What the registry needs of a pool (it never imports the pool module)."""
+
+    @property
+    def config(self) -> PoolConfig: ...
+
+    def _forget_after_fork(self) -> None: ...
+
+    async def disconnect(self, *, grace: float = ...) -> None: ...
+
+
+def shared_registry() -> dict[tuple[Any, ...], Registered]:
     """The process's shared pools; created on first use, kept across reloads."""
-    registry: dict[tuple[Any, ...], Pool[Any]] | None = getattr(sys, _REGISTRY_ATTR, None)
+    registry: dict[tuple[Any, ...], Registered] | None = getattr(sys, _REGISTRY_ATTR, None)
     if registry is None:
         registry = {}
         setattr(sys, _REGISTRY_ATTR, registry)
@@ -52,20 +63,28 @@ def target_of(scheme: str, driver_url: str) -> str:
 
 
 # target -> pools that are open now; weak, so a dropped pool stops counting
-_open: dict[str, weakref.WeakSet[Pool[Any]]] = {}
+_open: dict[str, weakref.WeakSet[Registered]] = {}
 # every pool ever built in this process, to reset them in a forked child
-_all: weakref.WeakSet[Pool[Any]] = weakref.WeakSet()
+_all: weakref.WeakSet[Registered] = weakref.WeakSet()
 
 
-def built(pool: Pool[Any]) -> None:
+# the pools that shared() built: a second one to their target is no multiplication
+_shared: weakref.WeakSet[Registered] = weakref.WeakSet()
+
+
+def built(pool: Registered) -> None:
     _all.add(pool)
 
 
-def opened(pool: Pool[Any], target: str, *, is_shared: bool) -> None:
+def mark_shared(pool: Registered) -> None:
+    _shared.add(pool)
+
+
+def opened(pool: Registered, target: str) -> None:
     """Count ``pool`` as open; warn when it multiplies the pools on its target."""
     pools = _open.setdefault(target, weakref.WeakSet())
     pools.add(pool)
-    if len(pools) > 1 and not is_shared:
+    if len(pools) > 1 and pool not in _shared:
         ceiling = sum(p.config.connection_limit for p in pools)
         logger.warning(
             "%d pools are now open to %s, with a combined ceiling of %d connections. "
@@ -77,11 +96,11 @@ def opened(pool: Pool[Any], target: str, *, is_shared: bool) -> None:
         )
 
 
-def open_pools() -> list[Pool[Any]]:
+def open_pools() -> list[Registered]:
     return [pool for pools in _open.values() for pool in pools]
 
 
-def closed(pool: Pool[Any], target: str) -> None:
+def closed(pool: Registered, target: str) -> None:
     pools = _open.get(target)
     if pools is not None:
         pools.discard(pool)

@@ -21,7 +21,7 @@ import anyio
 
 from . import _config
 from ._errors import ConfigError, ConnectError, PoolError
-from ._pool import Pool
+from ._pool import Pool, borrow, driver_of, give_back, lends
 from ._stats import PoolStats
 
 __all__ = ["Replicated", "ReplicatedStats"]
@@ -153,7 +153,7 @@ class Replicated:
                     sql: str, args: tuple[Any, ...]) -> Any:
         conn = self._tx.get()
         if conn is not None:
-            return await getattr(self._primary._driver, method)(conn, sql, args)
+            return await getattr(driver_of(self._primary), method)(conn, sql, args)
         if self._reads_go_to_primary():
             return await call(self._primary)
         for member in self._read_order():
@@ -183,7 +183,7 @@ class Replicated:
         conn = self._tx.get()
         self._wrote()
         if conn is not None:
-            return await self._primary._driver.execute(conn, sql, args)
+            return await driver_of(self._primary).execute(conn, sql, args)
         return await self._primary.execute(sql, *args)
 
     def transaction(self, *, timeout: float | None = None) -> _ReplicatedTransaction:
@@ -197,7 +197,7 @@ class Replicated:
     async def release(self, conn: Any) -> None:
         """Give back a connection taken with ``await rp.acquire(...)``."""
         for member in (self._primary, *self._replicas):
-            if id(conn) in member._lent:
+            if lends(member, conn):
                 await member.release(conn)
                 return
         raise PoolError("this connection is not lent by this pool (released twice?)")
@@ -311,16 +311,16 @@ class _Acquire:
         owner = self._owner
         if not self._readonly or owner._tx.get() is not None or owner._reads_go_to_primary():
             self._member = owner._primary
-            return await owner._primary._acquire(self._timeout)
+            return await borrow(owner._primary, self._timeout)
         for member in owner._read_order():
             self._member = member
             if member is owner._primary:
                 break
             try:
-                return await member._acquire(self._timeout)
+                return await borrow(member, self._timeout)
             except ConnectError as exc:
                 owner._mark_down(member, exc)
-        return await owner._primary._acquire(self._timeout)
+        return await borrow(owner._primary, self._timeout)
 
     def __await__(self) -> Any:
         return self._take().__await__()
@@ -336,7 +336,7 @@ class _Acquire:
         tb: TracebackType | None,
     ) -> None:
         assert self._member is not None
-        await self._member._release(self._conn, exc)
+        await give_back(self._member, self._conn, exc)
 
 
 ReplicatedStats.__module__ = "pool"

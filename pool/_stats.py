@@ -15,14 +15,17 @@ class PoolStats:
     since the pool was built. A cancelled acquire changes none of them.
     """
 
-    #: open plus opening connections; never above ``limit``
+    #: every connection the pool answers for: ``idle + in_use + opening + busy``;
+    #: never above ``limit``
     size: int
     #: open connections waiting in the pool to be lent
     idle: int
-    #: connections lent out
+    #: connections lent out (to a holder, or handed to a waiter about to run)
     in_use: int
     #: connections being opened right now
     opening: int
+    #: connections in the pool's own I/O: a health check, a rollback, a graceful close
+    busy: int
     #: callers waiting for a connection
     waiting: int
     #: ``connection_limit``

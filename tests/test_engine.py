@@ -153,7 +153,7 @@ class TestGrowth:
 
     async def test_a_spike_of_quick_requests_does_not_open_the_whole_limit(self) -> None:
         db, driver = make(limit=10)
-        driver.connect_delay = 0.05  # opening is slow; each request is quick
+        driver.gate = anyio.Event()  # opening is slow; each request is quick
         served = 0
 
         async def request() -> None:
@@ -167,6 +167,9 @@ class TestGrowth:
                 tg.start_soon(request)
             await wait_all_tasks_blocked()
             assert db.stats().opening == 1  # growth starts at one and doubles
+            gate, driver.gate = driver.gate, None
+            driver.connect_delay = 0.05  # the next openings are slow
+            gate.set()
         assert served == 50
         # the first connection served the queue before a second one was even needed
         assert driver.connects <= 2

@@ -229,7 +229,7 @@ class TestCancellationStorm:
         assert await admin.settles_at(s.size), (await admin.count(), s)
         # Every idle connection answers (asked directly: acquiring would replace
         # the ones that expired meanwhile).
-        for rec in list(db._idle):
+        for rec in list(db._ledger.idle):
             assert await rec.raw.fetchval("SELECT 1") == 1
         # And the pool lends its whole limit, every connection working.
         held = [await db.acquire() for _ in range(LIMIT)]

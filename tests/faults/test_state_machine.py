@@ -43,7 +43,7 @@ from hypothesis.stateful import (
 )
 
 import pool
-from pool import _pool as engine
+from pool import _breaker, _diagnosis, _engine, _ledger
 
 LIMIT = 3
 
@@ -343,7 +343,7 @@ class PoolMachine(RuleBasedStateMachine):
     def the_totals_add_up(self) -> None:
         s = self.db.stats()
         assert s.size <= s.limit, s
-        assert s.size == s.idle + s.in_use + s.opening, s
+        assert s.size == s.idle + s.in_use + s.opening + s.busy, s
         assert s.opened - s.closed == s.idle + s.in_use, s
         assert s.opening <= self.driver.connecting, s
         assert s.acquired == self.grants, s
@@ -353,7 +353,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def no_connection_is_lent_twice_or_leaked(self) -> None:
         held = [c.conn for c in self.holders() if not c.orphan]
-        idle = [rec.raw for rec in self.db._idle]
+        idle = [rec.raw for rec in self.db._ledger.idle]
         assert len({id(conn) for conn in held + idle}) == len(held) + len(idle), (held, idle)
         for c in self.holders():
             if c.orphan:
@@ -370,7 +370,7 @@ class PoolMachine(RuleBasedStateMachine):
         if not s.waiting:
             return
         assert s.idle == 0, f"callers wait while a connection sits idle: {s}"
-        if not self.db._failures:
+        if not self.db._ledger.breaker.failures:
             # connects work: spare capacity must be in use by an opening
             assert s.size == s.limit or s.opening > 0, (
                 f"callers wait, there is room to open, and nobody opens: {s}"
@@ -396,7 +396,9 @@ class TestStateMachine:
     def test_the_pool_keeps_its_invariants_through_random_steps(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(engine, "time", CLOCK)  # the engine's time.monotonic()
+        monkeypatch.setattr(_ledger, "time", CLOCK)  # the engine's time.monotonic()
+        for module in (_breaker, _diagnosis, _engine):
+            monkeypatch.setattr(module, "time", CLOCK)
         run_state_machine_as_test(
             PoolMachine,
             settings=settings(

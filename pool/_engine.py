@@ -1,0 +1,429 @@
+"""The pool's I/O: waiting, opening, checking, rolling back, closing, upkeep.
+
+Nothing here decides who gets which connection: every decision is a
+synchronous call into the :class:`~pool._ledger.Ledger`, and every I/O step
+reports its outcome back to it, which re-checks the state it finds then. An
+I/O step the pool starts on its own behalf runs in a cancel scope the ledger
+knows, so that ``disconnect()`` can cut it short and wait for its report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+from . import _diagnosis, _shims
+from ._config import PoolConfig
+from ._conn import LENT, Conn
+from ._driver import Driver
+from ._errors import PoolClosedError, TooManyWaitersError
+from ._ledger import CLOSE, CLOSING, OPEN, RELEASED, Ledger
+from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
+
+__all__ = ["CLEANUP_TIMEOUT", "Engine"]
+
+logger = logging.getLogger("pool")
+
+C = TypeVar("C")
+
+#: how long clean-up (a rollback, a graceful close) may take before we give up
+#: and drop the socket; it runs shielded, so it must be bounded
+CLEANUP_TIMEOUT: Final = 5.0
+
+_NO_SCOPE: Final = contextlib.nullcontext()
+
+
+class Engine(Generic[C]):
+    """Runs the I/O for one pool; its :class:`Ledger` keeps the books."""
+
+    def __init__(self, driver: Driver[C], config: PoolConfig, secrets: tuple[str, ...]) -> None:
+        self.driver = driver
+        self.config = config
+        self.secrets = secrets
+        self.ledger: Ledger[C] = Ledger(
+            limit=config.connection_limit,
+            is_alive=driver.is_alive,
+            in_transaction=driver.in_transaction,
+            terminate=driver.terminate,
+            lifetime=config.max_connection_lifetime or math.inf,
+            max_idle=config.max_idle_connection_lifetime or math.inf,
+            check_after=config.health_check_after,
+        )
+        self.wait_timeout = config.pool_timeout or math.inf
+        self.io_timeout = config.connect_timeout or CLEANUP_TIMEOUT
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
+        self.server_checked = False
+        self.upkeep_scope: anyio.CancelScope | None = None
+        self.upkeep_done: anyio.Event | None = None
+        self.upkeep_task: object = None  # the asyncio task, held so it is never collected
+        #: called when the pool opens (the registry counts it)
+        self.on_open: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self, library: str) -> None:
+        """Closed to open, on first use (the lazy connect); starts the upkeep."""
+        ledger = self.ledger
+        if ledger.state is CLOSING:
+            raise PoolClosedError("the pool is disconnecting")
+        ledger.current_task = _shims.current_task_for(library)
+        self.checkpoint_if_cancelled = _shims.checkpoint_if_cancelled_for(library)
+        self.loop = asyncio.get_running_loop() if library == "asyncio" else None
+        ledger.deadlines.loop = self.loop
+        ledger.state = OPEN
+        self.server_checked = False
+        self._start_upkeep(library)
+        logger.info(
+            "Starting a %s pool with %d connections.", self.driver.scheme, ledger.limit
+        )
+        self.on_open()
+
+    def new_waiter(self) -> Waiter:
+        return AsyncioWaiter(self.loop) if self.loop is not None else TrioWaiter()
+
+    async def disconnect(self, grace: float) -> None:
+        """Close every connection the pool ever opened, whoever holds it."""
+        ledger = self.ledger
+        ledger.quiet = anyio.Event()
+        ledger.drained = anyio.Event()
+        idle = ledger.begin_closing(
+            PoolClosedError("the pool was disconnected while this call waited")
+        )
+        if self.upkeep_scope is not None:
+            self.upkeep_scope.cancel()
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.close_all(idle)
+                if ledger.lent and grace > 0:
+                    with anyio.move_on_after(grace):
+                        await ledger.drained.wait()
+                ledger.orphan_lent()
+                if ledger.inflight > 0:
+                    # cut short above: wait for each to report (and close its connection)
+                    with anyio.move_on_after(CLEANUP_TIMEOUT):
+                        await ledger.quiet.wait()
+                if self.upkeep_done is not None:
+                    with anyio.move_on_after(CLEANUP_TIMEOUT):
+                        await self.upkeep_done.wait()
+        finally:
+            ledger.finish_closing()
+            self.upkeep_scope = self.upkeep_done = None
+            self.upkeep_task = None
+
+    # ------------------------------------------------------------ acquire
+
+    async def acquire(self, wait_for: float | None) -> C:
+        """The careful acquire: check a doubtful idle connection, or queue."""
+        ledger = self.ledger
+        if ledger.state is not OPEN:
+            import sniffio
+
+            self.start(sniffio.current_async_library())
+        epoch = ledger.epoch
+        while True:
+            rec = ledger.take_for()
+            if rec is None:
+                break
+            if rec.state is LENT:
+                raw: C = rec.raw
+                return raw
+            if await self._check(rec):
+                raw = rec.raw
+                return raw
+            if ledger.epoch != epoch or ledger.state is not OPEN:
+                raise PoolClosedError("the pool was disconnected while this call waited")
+        return await self._wait(wait_for)
+
+    async def _check(self, rec: Conn) -> bool:
+        """Ping a connection that sat idle a while. True: it is now lent to the caller."""
+        ledger = self.ledger
+        ok = False
+        scope = anyio.CancelScope()
+        ledger.scopes.add(scope)
+        try:
+            with scope, anyio.fail_after(self.io_timeout):
+                await self.driver.ping(rec.raw)
+                ok = True
+        except Exception:
+            pass  # a dead connection is not the caller's problem: close it, try another
+        except BaseException:
+            ledger.check_done(rec, False)  # cancelled mid-ping: its state is unknown
+            raise
+        finally:
+            ledger.scopes.discard(scope)
+        return ledger.check_done(rec, ok)
+
+    async def _wait(self, wait_for: float | None) -> C:
+        ledger = self.ledger
+        max_waiting = self.config.max_waiting
+        if max_waiting and len(ledger.waiters) >= max_waiting:
+            # Even a refusal yields once: a caller that retries in a loop must not
+            # starve the other tasks of the event loop.
+            await anyio.lowlevel.checkpoint()
+            raise TooManyWaitersError(
+                f"{len(ledger.waiters)} callers already wait for a connection "
+                f"(max_waiting={max_waiting}); not queueing another"
+            )
+        if ledger.hopeless():
+            await anyio.lowlevel.checkpoint()
+            raise ledger.breaker.fail_fast_error()
+        waiter = self.new_waiter()
+        ledger.enqueue(waiter)
+        started = time.monotonic()
+        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
+        loop = self.loop
+        timer: asyncio.TimerHandle | None = None
+        scope: contextlib.AbstractContextManager[Any]
+        if isinstance(waiter, AsyncioWaiter):
+            assert loop is not None
+            deadline = waiter.deadline = loop.time() + wait  # = anyio.current_time()
+            if wait_for is None and wait < math.inf:
+                ledger.deadlines.add(waiter)
+            elif wait < math.inf:
+                timer = loop.call_at(deadline, waiter.expire)
+            scope = _NO_SCOPE
+        else:
+            deadline = anyio.current_time() + wait
+            scope = anyio.CancelScope(deadline=deadline)
+        with scope:
+            try:
+                while waiter.conn is None:
+                    if waiter.error is not None:
+                        raise waiter.error
+                    if waiter.timed_out:
+                        break
+                    if waiter.reserved >= 0:
+                        await self._open(waiter, deadline)
+                        if (
+                            waiter.conn is None
+                            and waiter.error is None
+                            and not waiter.timed_out
+                            and waiter in ledger.waiters
+                        ):
+                            # Its new connection went to an older waiter (or the
+                            # opening was abandoned): it waits again, and may be
+                            # woken to open again when capacity frees up.
+                            waiter.rearm()
+                            ledger.sleepers[waiter] = None
+                            ledger.wake_openers()
+                        continue
+                    breaker = ledger.breaker
+                    if breaker.backing_off():
+                        # Nothing may wake us when the back-off ends: look again
+                        # then (we may be the probe).
+                        with anyio.move_on_after(breaker.remaining()):
+                            await waiter.wait()
+                        if not waiter.woken():
+                            ledger.wake_openers()
+                            continue
+                    else:
+                        await waiter.wait()
+                    if waiter.conn is not None:
+                        # Cancelled as it was handed the connection? Then it must
+                        # pass it on (in the except below), not carry it away.
+                        await self.checkpoint_if_cancelled()
+                    elif waiter.error is None and not waiter.timed_out:
+                        waiter.rearm()  # woken to open a connection
+                if waiter.conn is not None:
+                    ledger.unreserve(waiter)  # served before it began to open
+                    return ledger.accept(waiter, started)
+            except BaseException:
+                ledger.abandon(waiter)
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if isinstance(waiter, AsyncioWaiter):
+                    ledger.deadlines.discard(waiter)
+        ledger.abandon(waiter)
+        ledger.timeouts += 1
+        raise _diagnosis.timeout_error(
+            wait,
+            limit=ledger.limit,
+            in_use=len(ledger.lent),
+            idle=len(ledger.idle),
+            opening=ledger.opening,
+            waiting=len(ledger.waiters),
+            lent=ledger.lent.values(),
+        )
+
+    async def _open(self, waiter: Waiter, deadline: float) -> None:
+        """Open a connection on the capacity reserved for ``waiter``.
+
+        The new connection goes to the oldest waiter, which may be another one.
+        If ``waiter`` is served by a released connection first, the opening is
+        abandoned: the queue drains faster than a connection opens. That is
+        what bounds growth on a spike of quick requests.
+        """
+        ledger = self.ledger
+        epoch = ledger.begin_open(waiter)
+        raw: C | None = None
+        failure: Exception | None = None
+        # On asyncio the waiter has no cancel scope: this one holds its deadline.
+        scope = anyio.CancelScope(deadline=deadline if self.loop is not None else math.inf)
+        waiter.opening = scope
+        ledger.scopes.add(scope)
+        try:
+            with scope:
+                try:
+                    with anyio.fail_after(self.config.connect_timeout or math.inf):
+                        raw = await self.driver.connect()
+                    if not self.server_checked:
+                        self.server_checked = True
+                        await self._check_server_ceiling(raw)
+                except Exception as exc:
+                    failure = exc
+        except BaseException:
+            # the caller was cancelled (on trio: or its deadline passed)
+            if raw is not None:
+                self.driver.terminate(raw)
+            ledger.open_failed(epoch, None)
+            raise
+        finally:
+            waiter.opening = None
+            ledger.scopes.discard(scope)
+        if raw is None:
+            if failure is None:  # abandoned: served first, pool closing, or its deadline
+                ledger.open_failed(epoch, None)
+                if self.loop is not None and self.loop.time() >= deadline:
+                    waiter.timed_out = True
+                return
+            error = _diagnosis.connect_error(
+                failure, url=self.config.url, scheme=self.config.scheme, secrets=self.secrets
+            )
+            ledger.open_failed(epoch, error)
+            raise error from failure
+        if not ledger.open_done(raw, epoch):
+            self.driver.terminate(raw)  # the pool was disconnected meanwhile
+
+    async def _check_server_ceiling(self, raw: C) -> None:
+        """Once per start: warn when connection_limit alone exceeds the server's ceiling."""
+        try:
+            with anyio.fail_after(CLEANUP_TIMEOUT):
+                ceiling = await self.driver.server_max_connections(raw)
+        except Exception:
+            logger.debug("could not read the server's max_connections", exc_info=True)
+            return
+        limit = self.ledger.limit
+        if ceiling is not None and limit > ceiling:
+            logger.warning(
+                "connection_limit=%d exceeds the server's max_connections=%d: "
+                "the pool can never reach its limit, and will starve other clients. "
+                "See pool.recommended_connection_limit().",
+                limit,
+                ceiling,
+            )
+
+    # ------------------------------------------------------------ release
+
+    async def release(self, raw: C, exc: BaseException | None) -> None:
+        """The careful release: roll back, or close, as the ledger decides."""
+        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+        action, rec = self.ledger.release(raw, cancelled)
+        if action == RELEASED or rec is None:
+            return
+        with anyio.CancelScope(shield=True):
+            if action == CLOSE:
+                await self.close(rec)
+            else:
+                await self._roll_back(rec)
+
+    async def _roll_back(self, rec: Conn) -> None:
+        ledger = self.ledger
+        ok = False
+        scope = anyio.CancelScope()
+        ledger.scopes.add(scope)
+        try:
+            with scope, anyio.fail_after(CLEANUP_TIMEOUT):
+                await self.driver.rollback(rec.raw)
+                ok = True
+        except Exception:
+            logger.debug("rollback on release failed; closing the connection", exc_info=True)
+        finally:
+            ledger.scopes.discard(scope)
+            ledger.rolled_back(rec, ok)
+
+    async def close(self, rec: Conn) -> None:
+        """Close one BUSY connection gracefully, within a bound; report it closed."""
+        try:
+            try:
+                with anyio.fail_after(CLEANUP_TIMEOUT):
+                    await self.driver.close(rec.raw)
+            except Exception:
+                self.driver.terminate(rec.raw)
+            except BaseException:
+                self.driver.terminate(rec.raw)
+                raise
+        finally:
+            self.ledger.close_done(rec)
+
+    async def close_all(self, recs: list[Conn]) -> None:
+        """Close gracefully, all at once, within one bound."""
+        if not recs:
+            return
+        with anyio.move_on_after(CLEANUP_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for rec in recs:
+                    tg.start_soon(self.close, rec)
+
+    # ------------------------------------------------------------ upkeep
+
+    def _start_upkeep(self, library: str) -> None:
+        """Upkeep runs whenever the pool is open, in a task the pool owns."""
+        self.upkeep_scope = anyio.CancelScope()
+        self.upkeep_done = anyio.Event()
+        if library == "trio":
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._upkeep, name="pool upkeep")
+        else:
+            assert self.loop is not None
+            self.upkeep_task = self.loop.create_task(self._upkeep(), name="pool upkeep")
+
+    def _tick(self) -> float:
+        cfg = self.config
+        limits = [
+            x
+            for x in (
+                cfg.max_idle_connection_lifetime,
+                cfg.max_connection_lifetime,
+                cfg.leak_detection_threshold,
+            )
+            if x
+        ]
+        return min(1.0, max(0.05, min(limits, default=4.0) / 4))
+
+    async def _upkeep(self) -> None:
+        scope, done = self.upkeep_scope, self.upkeep_done
+        assert scope is not None and done is not None
+        tick = self._tick()
+        try:
+            with scope:
+                while True:
+                    await anyio.sleep(tick)
+                    try:
+                        await self.upkeep_once()
+                    except Exception:  # upkeep must never take the pool down
+                        logger.exception("pool upkeep failed; it will run again")
+        finally:
+            done.set()
+
+    async def upkeep_once(self) -> None:
+        """One round of upkeep: close expired idle connections, report leaks."""
+        ledger = self.ledger
+        expired = ledger.take_expired()
+        if expired:
+            logger.debug("closing %d expired idle connection(s)", len(expired))
+            await self.close_all(expired)
+        threshold = self.config.leak_detection_threshold
+        if threshold is not None and ledger.state is OPEN:
+            _diagnosis.report_leaks(ledger.lent.values(), threshold)

@@ -1,0 +1,97 @@
+"""What ``Pool.acquire()`` and ``Pool.transaction()`` return."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["Acquire", "Transaction"]
+
+C = TypeVar("C")
+
+
+class Acquire(Generic[C]):
+    """Awaitable (then ``await db.release(conn)``), and an async context manager."""
+
+    __slots__ = ("_conn", "_engine", "_timeout")
+
+    def __init__(self, engine: Engine[C], timeout: float | None) -> None:
+        self._engine = engine
+        self._timeout = timeout
+        self._conn: C | None = None
+
+    def __await__(self) -> Any:
+        return self._await().__await__()
+
+    async def _await(self) -> C:
+        conn = self._engine.ledger.take_idle()  # the fast path: the user is two frames up
+        if conn is None:
+            conn = await self._engine.acquire(self._timeout)
+        return conn
+
+    async def __aenter__(self) -> C:
+        engine = self._engine
+        conn = engine.ledger.take_idle()
+        if conn is None:
+            conn = await engine.acquire(self._timeout)
+        self._conn = conn
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn: Any = self._conn
+        engine = self._engine
+        if exc is None and engine.ledger.give_back(conn):
+            return
+        await engine.release(conn, exc)
+
+
+class Transaction(Generic[C]):
+    """``async with db.transaction() as conn``: commit on success, roll back on error."""
+
+    __slots__ = ("_conn", "_engine", "_timeout")
+
+    def __init__(self, engine: Engine[C], timeout: float | None) -> None:
+        self._engine = engine
+        self._timeout = timeout
+        self._conn: C | None = None
+
+    async def __aenter__(self) -> C:
+        engine = self._engine
+        conn = engine.ledger.take_idle()
+        if conn is None:
+            conn = await engine.acquire(self._timeout)
+        try:
+            await engine.driver.begin(conn)
+        except BaseException as exc:
+            await engine.release(conn, exc)
+            raise
+        self._conn = conn
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        engine, conn = self._engine, self._conn
+        self._conn = None
+        assert conn is not None
+        if exc is None:
+            try:
+                await engine.driver.commit(conn)
+            except BaseException as commit_error:
+                await engine.release(conn, commit_error)
+                raise
+            await engine.release(conn, None)
+        else:
+            # Any other error: the release rolls back (or closes, for a cancellation).
+            await engine.release(conn, exc)

@@ -1,0 +1,549 @@
+"""The one owner of the pool's state: who gets which connection, and every count.
+
+Every change to the idle deque, the lent and busy sets, the wait queue, size,
+opening and the epoch happens here, in small synchronous methods that await
+nothing, so no other task can interleave with one. All I/O (connect, ping,
+rollback, close) happens outside, in ``_engine.py``: an I/O step starts with a
+call here that moves the connection to ``BUSY`` (owned by exactly one task),
+and ends with a report back here, which re-checks the state it finds *then*.
+After any await the pool may have been disconnected, reopened or resized: the
+reports compare the connection's epoch and state with the ledger's, never a
+reference taken before the await.
+
+The shape is httpcore's single "assign" method and psycopg_pool's two-step
+handoff: a connection handed to a waiter stays counted as lent, and the waiter
+accepts it when it runs (:meth:`Ledger.accept`), which fails if the pool was
+disconnected in between. That is what lets ``disconnect()`` find every
+connection, including one handed to a task that has not run yet.
+
+Invariant, true between any two steps: ``size == len(idle) + len(lent) +
+len(busy) + opening <= limit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+
+from ._breaker import Breaker, server_is_gone
+from ._conn import BUSY, CLOSED, IDLE, LENT, Conn
+from ._diagnosis import PACKAGE_FILES, outside_package, stamp_site
+from ._errors import ConnectError, PoolClosedError, PoolError
+from ._waiters import Deadlines, Waiter
+
+__all__ = ["CLOSED_STATE", "CLOSING", "OPEN", "Ledger"]
+
+C = TypeVar("C")
+
+logger = logging.getLogger("pool")
+
+OPEN: Final = "open"
+CLOSING: Final = "closing"
+CLOSED_STATE: Final = "closed"
+
+# what the slow release must do once the ledger has decided
+RELEASED: Final = 0  # nothing more: it went back (or was closed at once)
+ROLL_BACK: Final = 1  # roll back, then report with rolled_back()
+CLOSE: Final = 2  # close gracefully, then report with close_done()
+
+
+def _no_task() -> None:
+    return None
+
+
+class Ledger(Generic[C]):
+    """The pool's accounting. Synchronous: not one method here awaits."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        is_alive: Callable[[Any], bool],
+        in_transaction: Callable[[Any], bool],
+        terminate: Callable[[Any], None],
+        lifetime: float,
+        max_idle: float,
+        check_after: float,
+    ) -> None:
+        self.limit = limit
+        self.is_alive = is_alive
+        self.in_transaction = in_transaction
+        self.terminate = terminate
+        self.lifetime = lifetime
+        self.max_idle = max_idle
+        self.check_after = check_after
+        self.state: str = CLOSED_STATE
+        self.epoch = 0
+        # The containers below are never replaced, only changed in place: a
+        # reference to one taken anywhere stays the live one.
+        self.idle: deque[Conn] = deque()
+        #: lent to a holder, or handed to a waiter that has not run yet; by id(raw)
+        self.lent: dict[int, Conn] = {}
+        #: in the pool's own I/O (check, rollback, graceful close); by id(raw)
+        self.busy: dict[int, Conn] = {}
+        #: closed by disconnect() while held: their holders may still release them
+        self.orphans: dict[int, Conn] = {}
+        #: FIFO of waiters (an ordered dict: O(1) removal from the middle)
+        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
+        #: the waiters not opening a connection themselves, to wake one in O(1)
+        self.sleepers: OrderedDict[Waiter, None] = OrderedDict()
+        self.deadlines = Deadlines()
+        self.size = 0
+        self.opening = 0
+        #: I/O steps started and not yet reported (any epoch)
+        self.inflight = 0
+        #: the cancel scopes of in-flight I/O, for disconnect() to cut short
+        self.scopes: set[anyio.CancelScope] = set()
+        #: set when the last in-flight I/O reports, while disconnect() waits for it
+        self.quiet: anyio.Event | None = None
+        #: set when the last lent connection comes back during disconnect's grace
+        self.drained: anyio.Event | None = None
+        self.breaker = Breaker()
+        self.current_task: Callable[[], object] = _no_task
+        self.acquired = 0
+        self.waited = 0
+        self.timeouts = 0
+        self.wait_seconds = 0.0
+        self.opened = 0
+        self.closed = 0
+
+    # ------------------------------------------------------------ the fast paths
+
+    def take_idle(self) -> C | None:
+        """An idle connection, nobody waiting, no check due: lend it. Else None.
+
+        Called straight from the public entry points, so the user's frame is
+        two levels up.
+        """
+        idle = self.idle
+        if not idle or self.waiters or self.state is not OPEN:
+            return None
+        rec = idle[-1]
+        now = time.monotonic()
+        if now >= rec.fresh_until or not self.is_alive(rec.raw):
+            return None
+        idle.pop()
+        rec.state = LENT
+        rec.lent_at = now
+        rec.task = self.current_task()
+        frame = sys._getframe(2)  # the caller of the public entry point: the user
+        if frame.f_code.co_filename in PACKAGE_FILES:
+            frame = outside_package(frame)
+        rec.site_code = frame.f_code
+        rec.site_offset = frame.f_lasti
+        raw: C = rec.raw
+        self.lent[id(raw)] = rec
+        self.acquired += 1
+        return raw
+
+    def give_back(self, raw: C) -> bool:
+        """The fast release: a clean connection goes back with no round trip.
+
+        Returns False, touching nothing, when the careful path must decide
+        (unknown connection, in a transaction, broken, expired, pool closing).
+        """
+        lent = self.lent
+        key = id(raw)
+        rec = lent.get(key)
+        if rec is None or self.state is not OPEN:
+            return False
+        now = time.monotonic()
+        if now >= rec.expires_at or not self.is_alive(raw) or self.in_transaction(raw):
+            return False
+        del lent[key]
+        if self.waiters:
+            self._put(rec, now)
+        else:  # _put(), inlined for the common case: nobody waits, it goes idle
+            rec.state = IDLE
+            rec.idle_since = now
+            fresh = now + self.check_after
+            rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
+            self.idle.append(rec)
+        return True
+
+    # ------------------------------------------------------------ the slow acquire
+
+    def take_for(self) -> Conn | None:
+        """Nobody waits: the newest usable idle connection, LENT, or BUSY if it needs a check.
+
+        Dead and expired ones on the way are closed. None: none is idle, or
+        someone waits (then the caller queues behind them).
+        """
+        idle = self.idle
+        while idle and not self.waiters and self.state is OPEN:
+            rec = idle.pop()
+            now = time.monotonic()
+            if (
+                not self.is_alive(rec.raw)
+                or now >= rec.expires_at
+                or now - rec.idle_since >= rec.idle_limit
+            ):
+                self._retire(rec)
+                continue
+            if now - rec.idle_since < self.check_after:
+                self._lend(rec, now)
+                return rec
+            # It sat idle long enough to doubt it: the caller checks it first.
+            self._busy(rec)
+            return rec
+        return None
+
+    def check_done(self, rec: Conn, ok: bool) -> bool:
+        """A check ended. True: the connection is now lent to the caller that checked it."""
+        self._io_done()
+        if rec.state is not BUSY:
+            return False  # disconnect() closed it meanwhile
+        del self.busy[id(rec.raw)]
+        if not ok or rec.epoch != self.epoch or self.state is not OPEN:
+            self._retire(rec)
+            return False
+        self._lend(rec, time.monotonic())
+        return True
+
+    def _lend(self, rec: Conn, now: float) -> None:
+        rec.state = LENT
+        rec.lent_at = now
+        rec.task = self.current_task()
+        stamp_site(rec, 2)
+        self.lent[id(rec.raw)] = rec
+        self.acquired += 1
+
+    def enqueue(self, waiter: Waiter) -> None:
+        self.waiters[waiter] = None
+        if self.may_open():
+            self.reserve(waiter)
+        else:
+            self.sleepers[waiter] = None
+
+    def accept(self, waiter: Waiter, started: float) -> C:
+        """A waiter that was handed a connection runs: lend it, unless the pool closed since."""
+        rec = waiter.conn
+        assert rec is not None
+        waiter.conn = None
+        key = id(rec.raw)
+        if self.state is not OPEN or rec.state is not LENT or self.lent.get(key) is not rec:
+            self._returned(rec)
+            raise PoolClosedError("the pool was disconnected while this call waited")
+        now = time.monotonic()
+        self.waited += 1
+        self.wait_seconds += now - started
+        rec.lent_at = now
+        rec.task = self.current_task()
+        stamp_site(rec, 2)
+        self.acquired += 1
+        raw: C = rec.raw
+        return raw
+
+    def abandon(self, waiter: Waiter) -> None:
+        """A waiter gives up (timeout, cancellation, error): leave no trace."""
+        rec = waiter.conn
+        if rec is not None:
+            # Handed a connection as it gave up: pass it on to the next one.
+            waiter.conn = None
+            self._returned(rec)
+        else:
+            self.waiters.pop(waiter, None)
+            self.sleepers.pop(waiter, None)
+        self.unreserve(waiter)
+
+    def _returned(self, rec: Conn) -> None:
+        """A connection handed to a waiter comes back unused."""
+        key = id(rec.raw)
+        if rec.state is LENT and self.lent.get(key) is rec:
+            del self.lent[key]
+            if self.state is OPEN and rec.epoch == self.epoch:
+                self._put(rec, time.monotonic())
+            else:
+                self._retire(rec)
+                self._check_drained()
+        else:
+            self.orphans.pop(key, None)  # closed by disconnect() before the waiter ran
+
+    # ------------------------------------------------------------ capacity and growth
+
+    def may_open(self) -> bool:
+        """Is there spare capacity, and demand not yet covered by an opening?"""
+        if self.size >= self.limit or self.opening >= len(self.waiters):
+            return False
+        if self.breaker.failures:
+            # The breaker is open: after the back-off, exactly one probe at a time.
+            return self.opening == 0 and time.monotonic() >= self.breaker.until
+        # Slow start: no more openings in flight than connections already open
+        # (at least one), so growth doubles per connect round trip. A spike of
+        # quick queries is served by the first connections instead of opening
+        # the whole limit; HikariCP and psycopg_pool open one at a time.
+        return self.opening < max(1, self.size - self.opening)
+
+    def reserve(self, waiter: Waiter) -> None:
+        self.size += 1
+        self.opening += 1
+        waiter.reserved = self.epoch
+
+    def unreserve(self, waiter: Waiter) -> None:
+        """Give back the capacity reserved for ``waiter``, if it is of this epoch."""
+        if waiter.reserved < 0:
+            return
+        if waiter.reserved == self.epoch:
+            self.size -= 1
+            self.opening -= 1
+            waiter.reserved = -1
+            self.wake_openers()
+        waiter.reserved = -1
+
+    def begin_open(self, waiter: Waiter) -> int:
+        """The waiter's reservation now belongs to its opening; returns its epoch."""
+        epoch, waiter.reserved = waiter.reserved, -1
+        self.inflight += 1
+        return epoch
+
+    def open_done(self, raw: C, epoch: int) -> bool:
+        """A connect succeeded. False: the pool closed meanwhile, and the caller closes it."""
+        self._io_done()
+        if epoch != self.epoch or self.state is not OPEN:
+            return False
+        failures = self.breaker.succeeded()
+        if failures:
+            logger.info("Reconnected to the database after %d failed attempt(s).", failures)
+        self.opening -= 1
+        self.opened += 1
+        now = time.monotonic()
+        self._put(Conn(raw, now, epoch, self.lifetime, self.max_idle), now)
+        # One more open connection: the slow start may let more waiters open.
+        self.wake_openers()
+        return True
+
+    def open_failed(self, epoch: int, error: ConnectError | None) -> None:
+        """A connect failed (``error``) or was abandoned (None): free its capacity."""
+        self._io_done()
+        if epoch != self.epoch:
+            return
+        self.size -= 1
+        self.opening -= 1
+        if error is None:
+            self.wake_openers()
+            return
+        self.breaker.failed(error)
+        if server_is_gone(error.__cause__):
+            # Refused: the server is down or restarting. Every connection opened
+            # before now died with it: close the idle ones, the lent ones when
+            # they come back.
+            for rec in self.lent.values():
+                rec.expires_at = -math.inf
+            while self.idle:
+                self._retire(self.idle.pop())
+        self.wake_openers()
+        # Sleepers wait with no timer: wake them, so that each looks again when
+        # this back-off ends (one of them will be the probe).
+        for waiter in self.sleepers:
+            waiter.wake()
+
+    def wake_openers(self) -> None:
+        """Capacity freed up while callers sleep: wake some to open connections."""
+        while self.sleepers and self.may_open():
+            waiter, _ = self.sleepers.popitem(last=True)
+            self.reserve(waiter)
+            waiter.wake()
+        if self.waiters and self.hopeless():
+            self.fail_waiters(self.breaker.fail_fast_error())
+
+    def hopeless(self) -> bool:
+        """Connects keep failing and no connection is out to come back: fail fast."""
+        return (
+            self.breaker.failures > 0
+            and not self.lent
+            and not self.idle
+            and not self.busy
+            and self.opening == 0
+            and time.monotonic() < self.breaker.until
+        )
+
+    def fail_waiters(self, error: BaseException) -> None:
+        for waiter in self.waiters:
+            waiter.error = error
+            waiter.wake()
+        self.waiters.clear()
+        self.sleepers.clear()
+
+    # ------------------------------------------------------------ release
+
+    def release(self, raw: C, cancelled: bool) -> tuple[int, Conn | None]:
+        """The careful release decides: back now, roll back first, or close."""
+        key = id(raw)
+        rec = self.lent.pop(key, None)
+        if rec is None:
+            if self.orphans.pop(key, None) is not None:
+                return RELEASED, None  # disconnect() closed it while it was held
+            raise PoolError("this connection is not lent by this pool (released twice?)")
+        rec.task = None
+        if self.state is CLOSING:
+            # disconnect() waits out its grace: close this one gracefully
+            self._busy(rec)
+            return CLOSE, rec
+        if cancelled or not self.is_alive(raw) or rec.expires_at <= time.monotonic():
+            # Cancelled mid-use, the connection may be mid-protocol: closing it
+            # is the only safe choice, and the server rolls back for us.
+            self._retire(rec)
+        elif self.in_transaction(raw):
+            self._busy(rec)
+            return ROLL_BACK, rec
+        else:
+            self._put(rec, time.monotonic())
+        return RELEASED, None
+
+    def rolled_back(self, rec: Conn, ok: bool) -> None:
+        self._io_done()
+        if rec.state is not BUSY:
+            return  # disconnect() closed it meanwhile
+        del self.busy[id(rec.raw)]
+        if ok and rec.epoch == self.epoch and self.state is OPEN:
+            self._put(rec, time.monotonic())
+        else:
+            self._retire(rec)
+
+    # ------------------------------------------------------------ closing
+
+    def take_expired(self) -> list[Conn]:
+        """Upkeep: take the idle connections past their idle or total lifetime.
+
+        Dead ones are closed at once; the expired ones come back BUSY, for the
+        caller to close gracefully and report with :meth:`close_done`.
+        """
+        if self.state is not OPEN or not self.idle:
+            return []
+        now = time.monotonic()
+        keep: list[Conn] = []
+        expired: list[Conn] = []
+        dead: list[Conn] = []
+        for rec in self.idle:
+            if not self.is_alive(rec.raw):
+                dead.append(rec)
+            elif now - rec.idle_since >= rec.idle_limit or now >= rec.expires_at:
+                expired.append(rec)
+            else:
+                keep.append(rec)
+        if not expired and not dead:
+            return []
+        self.idle.clear()
+        self.idle.extend(keep)
+        for rec in dead:
+            self._retire(rec)
+        for rec in expired:
+            self._busy(rec)
+        return expired
+
+    def close_done(self, rec: Conn) -> None:
+        """A graceful close ended (or gave up and terminated)."""
+        self._io_done()
+        if rec.state is not BUSY:
+            return
+        del self.busy[id(rec.raw)]
+        rec.state = CLOSED
+        self.closed += 1
+        if rec.epoch == self.epoch and self.state is not CLOSED_STATE:
+            self.size -= 1
+            self.wake_openers()
+        self._check_drained()
+
+    def begin_closing(self, error: BaseException) -> list[Conn]:
+        """disconnect() starts: fail the waiters, cut in-flight I/O short, take the idle ones."""
+        self.state = CLOSING
+        self.fail_waiters(error)
+        for scope in self.scopes:
+            scope.cancel()
+        idle = list(self.idle)
+        self.idle.clear()
+        for rec in idle:
+            self._busy(rec)
+        return idle
+
+    def orphan_lent(self) -> None:
+        """Whoever still holds a connection has had their grace: close it now."""
+        lent = list(self.lent.values())
+        self.lent.clear()
+        for rec in lent:
+            rec.state = CLOSED
+            self.terminate(rec.raw)
+            self.orphans[id(rec.raw)] = rec
+        self.closed += len(lent)
+
+    def finish_closing(self) -> None:
+        """disconnect() ends: close what outlived its bound, and start a new epoch."""
+        for rec in self.busy.values():
+            rec.state = CLOSED
+            self.terminate(rec.raw)
+            self.closed += 1
+        self.busy.clear()
+        # A new epoch: an opening still in flight, or a reservation taken before
+        # now, finds its epoch stale and leaves the new counts alone.
+        self.epoch += 1
+        self.size = 0
+        self.opening = 0
+        self.state = CLOSED_STATE
+        self.deadlines.clear()
+        self.quiet = self.drained = None
+
+    def forget_after_fork(self) -> list[Any]:
+        """In a forked child: drop the parent's connections without a word to the server."""
+        kept = [rec.raw for rec in (*self.idle, *self.lent.values(), *self.busy.values())]
+        kept.extend(rec.raw for rec in self.orphans.values())
+        for container in (self.idle, self.lent, self.busy, self.orphans, self.waiters,
+                          self.sleepers, self.deadlines.timed):
+            container.clear()
+        self.deadlines.timer = None  # the parent's loop: never touched here
+        self.scopes.clear()
+        self.epoch += 1
+        self.size = self.opening = self.inflight = 0
+        self.state = CLOSED_STATE
+        return kept
+
+    # ------------------------------------------------------------ helpers
+
+    def _put(self, rec: Conn, now: float) -> None:
+        """A free connection: hand it to the oldest waiter, or keep it idle."""
+        waiters = self.waiters
+        if waiters:
+            waiter, _ = waiters.popitem(last=False)
+            self.sleepers.pop(waiter, None)
+            rec.state = LENT
+            rec.lent_at = now
+            self.lent[id(rec.raw)] = rec
+            waiter.conn = rec
+            waiter.wake()
+        else:
+            rec.state = IDLE
+            rec.idle_since = now
+            fresh = now + self.check_after
+            rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
+            self.idle.append(rec)
+
+    def _busy(self, rec: Conn) -> None:
+        rec.state = BUSY
+        self.busy[id(rec.raw)] = rec
+        self.inflight += 1
+
+    def _retire(self, rec: Conn) -> None:
+        """Close a connection that must not be lent again, at once. O(1)."""
+        rec.state = CLOSED
+        self.terminate(rec.raw)
+        if rec.epoch != self.epoch:
+            return
+        self.closed += 1
+        if self.state is not CLOSED_STATE:
+            self.size -= 1
+            self.wake_openers()
+
+    def _io_done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self.quiet is not None:
+            self.quiet.set()
+
+    def _check_drained(self) -> None:
+        if not self.lent and self.drained is not None:
+            self.drained.set()
