@@ -386,7 +386,7 @@ REJECTED = [
     ("postgresql://h:65536/db", "port"),
     ("postgresql://h:abc/db", "port"),
     ("postgresql://h:/db", "port"),
-    ("postgresql://h1,h2/db", "host"),
+    ("mysql://h1,h2/db", "host"),
     ("postgresql://[::1/db", "url"),
     ("mysql://h/db?sslmode=verify-full", "sslmode"),
     ("mysql://h/db?charset=klingon", "charset"),
@@ -457,7 +457,7 @@ class TestValidation:
         "url",
         [
             f"postgresql://u:{SECRET}@h:bad/db",
-            f"postgresql://u:{SECRET}@h,h2/db",
+            f"mysql://u:{SECRET}@h,h2/db",
             f"mysql://u:{SECRET}@h/db?nope=1",
             f"mysql://u:{SECRET}@h/db?pasword={SECRET}",
             # unencoded '/', '?' and '#' in the password
