@@ -7,7 +7,7 @@ release through it costs exactly what the engine does around the driver call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -72,17 +72,34 @@ class StubDriver:
     async def rollback(self, conn: StubConnection) -> None:
         conn.in_tx = False
 
-    async def fetch(self, conn: StubConnection, sql: str, args: Sequence[Any]) -> list[Any]:
+    async def fetch(
+        self, conn: StubConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> list[Any]:
         return [(1,)]
 
-    async def fetchrow(self, conn: StubConnection, sql: str, args: Sequence[Any]) -> Any | None:
+    async def fetchrow(
+        self, conn: StubConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any | None:
         return (1,)
 
-    async def fetchval(self, conn: StubConnection, sql: str, args: Sequence[Any]) -> Any:
+    async def fetchval(
+        self, conn: StubConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         return 1
 
-    async def execute(self, conn: StubConnection, sql: str, args: Sequence[Any]) -> Any:
+    async def execute(
+        self, conn: StubConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         return "SELECT 1"
+
+    async def executemany(
+        self,
+        conn: StubConnection,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        return None
 
     async def server_max_connections(self, conn: StubConnection) -> int | None:
         return None

@@ -19,6 +19,30 @@ Parameters:
 ``application_name``
     sent as the ``program_name`` connection attribute (what
     ``performance_schema.session_connect_attrs`` shows), at most 128 bytes.
+``socket``
+    Prisma's: the path of the server's Unix socket; the host is then not
+    dialled (``mysql://root@localhost/db?socket=/run/mysqld/mysqld.sock``).
+``user``, ``password``
+    alternatives to the user info (giving one both ways is refused); a
+    ``?password=`` is hidden wherever the URL is shown.
+``sslcert``
+    Prisma's meaning: the server's certificate (or its CA) to verify the
+    server against. Implies TLS and ``sslaccept=strict``.
+``sslaccept``
+    ``strict``: TLS, and the server's certificate and host name are verified
+    (against ``sslcert``, or else the system's trusted CAs).
+    ``accept_invalid_certs``: TLS without verification (what
+    ``sslmode=require`` alone does). Either implies ``sslmode=require``.
+``sslidentity``, ``sslpassword``
+    refused: ``sslidentity`` is a PKCS#12 bundle, which Python's ``ssl``
+    cannot load, and ``sslpassword`` is only its password. The error says to
+    pass ``connect_args={"ssl": context}`` with an ``ssl.SSLContext`` that
+    has ``load_cert_chain(cert, key, password)`` done instead.
+
+``connect_args`` (the ``Pool`` keyword) carries what a URL cannot to
+aiomysql's ``Connection``: ``ssl`` (an ``SSLContext``; not with ``ssl*`` URL
+parameters), ``sql_mode``, ``init_command``, ``conv``, ``local_infile``,
+``server_public_key`` and the rest of its keywords, less those the URL sets.
 
 Quirks smoothed over here:
 
@@ -37,9 +61,10 @@ Quirks smoothed over here:
   ``-W error``. PyMySQL dropped that in 1.0 and asyncpg never did it; our
   connections use a cursor class that does not either. Run ``SHOW WARNINGS``
   to see them.
-- aiomysql has no read timeout, so ``socket_timeout`` bounds each call with a
-  cancel scope; on expiry the connection (stuck mid-protocol) is closed and
-  :class:`TimeoutError` raised. ``connect_timeout`` is a cancel scope too,
+- aiomysql has no read timeout, so ``socket_timeout`` (or a call's own
+  ``timeout=``) bounds each call with a cancel scope; on expiry the
+  connection (stuck mid-protocol) is closed and :class:`TimeoutError` raised;
+  ``is_alive`` is False from then on. ``connect_timeout`` is a cancel scope too,
   around the whole connect, handshake included (aiomysql's own bounds only the
   TCP connect, and reports expiry as error 2003, "Can't connect"), so an
   expired connect raises :class:`TimeoutError`, as on asyncpg.
@@ -52,7 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -64,6 +89,8 @@ from pymysql.err import OperationalError
 
 from . import InvalidParameter
 from ._url import (
+    HIDDEN,
+    check_connect_args,
     check_known,
     parse_choice,
     parse_host_port,
@@ -75,8 +102,36 @@ from ._url import (
 
 __all__ = ["MySQLDriver", "create"]
 
-PARAMETERS = ("sslmode", "charset", "application_name")
+PARAMETERS = (
+    "sslmode",
+    "sslaccept",
+    "sslcert",
+    "sslidentity",
+    "sslpassword",
+    "charset",
+    "application_name",
+    "socket",
+    "user",
+    "password",
+)
 SSLMODES = ("disable", "require")
+SSLACCEPT = ("strict", "accept_invalid_certs")
+#: aiomysql Connection keywords this module sets, and the URL part that sets each
+_MANAGED = {
+    "host": "the URL's host",
+    "port": "the URL's port",
+    "unix_socket": "?socket=",
+    "user": "the URL's user or ?user=",
+    "password": "the URL's password or ?password=",
+    "db": "the URL's path",
+    "charset": "?charset=",
+    "autocommit": "always on: the pool relies on it",
+    "connect_timeout": "connect_timeout",
+    "program_name": "?application_name=",
+}
+#: errors for a write refused by a read-only server: 1290 (--read-only),
+#: 1792 (a READ ONLY transaction), 1836 (a read-only replica, MySQL 5.7+)
+READ_ONLY_ERRORS = frozenset({1290, 1792, 1836})
 DEFAULT_CHARSET = "utf8mb4"
 # aiomysql writes the total length of the connection attributes as a single
 # byte, and its own attributes take about 70 of the 250 that fit; a longer
@@ -122,6 +177,8 @@ class MySQLDriver:
     """
 
     scheme = "mysql"
+    #: aiomysql runs on asyncio only
+    async_libraries: tuple[str, ...] = ("asyncio",)
 
     def __init__(
         self,
@@ -198,7 +255,9 @@ class MySQLDriver:
     async def rollback(self, conn: Connection) -> None:
         await self._bounded(conn, conn.rollback)
 
-    async def fetch(self, conn: Connection, sql: str, args: Sequence[Any]) -> list[Any]:
+    async def fetch(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> list[Any]:
         """All rows, as tuples."""
 
         async def run() -> list[Any]:
@@ -206,9 +265,11 @@ class MySQLDriver:
                 await cur.execute(sql, tuple(args) or None)
                 return list(await cur.fetchall())
 
-        return await self._bounded(conn, run)
+        return await self._bounded(conn, run, timeout)
 
-    async def fetchrow(self, conn: Connection, sql: str, args: Sequence[Any]) -> Any | None:
+    async def fetchrow(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any | None:
         """The first row as a tuple, or None."""
 
         async def run() -> Any | None:
@@ -216,41 +277,100 @@ class MySQLDriver:
                 await cur.execute(sql, tuple(args) or None)
                 return await cur.fetchone()
 
-        return await self._bounded(conn, run)
+        return await self._bounded(conn, run, timeout)
 
-    async def fetchval(self, conn: Connection, sql: str, args: Sequence[Any]) -> Any:
+    async def fetchval(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         """The first column of the first row, or None."""
-        row = await self.fetchrow(conn, sql, args)
+        row = await self.fetchrow(conn, sql, args, timeout)
         return None if row is None else row[0]
 
-    async def execute(self, conn: Connection, sql: str, args: Sequence[Any]) -> Any:
+    async def execute(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         """The number of rows affected (for a SELECT, the number of rows)."""
 
         async def run() -> int:
             async with conn.cursor() as cur:
                 return int(await cur.execute(sql, tuple(args) or None))
 
-        return await self._bounded(conn, run)
+        return await self._bounded(conn, run, timeout)
+
+    async def executemany(
+        self,
+        conn: Connection,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        """``sql`` once per argument tuple; all or nothing, as asyncpg's is.
+
+        aiomysql sends an ``INSERT ... VALUES`` as multi-row statements. Outside
+        a transaction this opens one, so that a failure halfway leaves nothing.
+        """
+        rows = [tuple(args) for args in args_iterable]
+
+        async def run() -> None:
+            own = not conn.get_transaction_status()
+            if own:
+                await conn.begin()
+            try:
+                async with conn.cursor() as cur:
+                    await cur.executemany(sql, rows)
+                if own:
+                    await conn.commit()
+            except Exception:
+                if own and not conn.closed:
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                raise
+
+        await self._bounded(conn, run, timeout)
 
     async def server_max_connections(self, conn: Connection) -> int | None:
         return int(await self.fetchval(conn, "SELECT @@max_connections", ()))
 
-    async def _bounded(self, conn: Connection, call: Callable[[], Awaitable[T]]) -> T:
-        """Run ``call``, within ``socket_timeout`` if one is set."""
-        if self._socket_timeout is None:
+    def host_of(self, conn: Connection) -> str:
+        """The server ``conn`` is on: ``"host:port"``, or the socket path."""
+        if conn.unix_socket:
+            return str(conn.unix_socket)
+        return f"{conn.host}:{conn.port}"
+
+    def is_read_only_error(self, exc: BaseException) -> bool:
+        """True for a write the server refused as read-only (1290, 1792, 1836)."""
+        # PyMySQL's errors (aiomysql re-exports them) carry (code, message)
+        code = exc.args[0] if isinstance(exc, Exception) and exc.args else None
+        return isinstance(code, int) and code in READ_ONLY_ERRORS
+
+    async def _bounded(
+        self, conn: Connection, call: Callable[[], Awaitable[T]], timeout: float | None = None
+    ) -> T:
+        """Run ``call`` within ``timeout``, else ``socket_timeout``, if either is set."""
+        limit = self._socket_timeout if timeout is None else timeout
+        if limit is None:
             return await call()
-        with anyio.move_on_after(self._socket_timeout):
+        with anyio.move_on_after(limit):
             return await call()
         # Cancelled mid-protocol: the rest of the reply would be read as the
         # answer to the next query, so the connection cannot be used again.
         conn.close()
-        raise TimeoutError(
-            f"no reply within socket_timeout={self._socket_timeout}s; the connection was closed"
-        )
+        name = "socket_timeout" if timeout is None else "timeout"
+        raise TimeoutError(f"no reply within {name}={limit}s; the connection was closed")
 
 
-def create(url: str, *, connect_timeout: float | None, socket_timeout: float | None) -> MySQLDriver:
-    """Validate ``url`` (pool parameters already removed) and build the adapter."""
+def create(
+    url: str,
+    *,
+    connect_timeout: float | None,
+    socket_timeout: float | None,
+    connect_args: Mapping[str, Any] | None = None,
+) -> MySQLDriver:
+    """Validate ``url`` (pool parameters already removed) and build the adapter.
+
+    ``connect_args`` go to aiomysql's ``Connection`` as they are, after a
+    check that it takes each key and that the URL does not set it already.
+    """
     parts = split(url)
     if parts.scheme not in ("mysql", "mariadb"):
         raise InvalidParameter("url", parts.scheme + "://", "must start with mysql://")
@@ -260,9 +380,62 @@ def create(url: str, *, connect_timeout: float | None, socket_timeout: float | N
     host, port = parse_host_port(parts)
     user, password = user_and_password(parts)
     database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if "user" in params:
+        if user is not None:
+            raise InvalidParameter(
+                "user", params["user"], "is given both before the @ and as ?user="
+            )
+        user = params["user"] or None
+    if "password" in params:
+        if password is not None:
+            raise InvalidParameter(
+                "password", HIDDEN, "is given both before the @ and as ?password="
+            )
+        password = params["password"]
+    socket = params.get("socket")
+    if socket is not None and (not socket or "\0" in socket):
+        raise InvalidParameter("socket", socket, "must be the path of the server's Unix socket")
+
+    if "sslidentity" in params or "sslpassword" in params:
+        name = "sslidentity" if "sslidentity" in params else "sslpassword"
+        raise InvalidParameter(
+            name,
+            params["sslidentity"] if name == "sslidentity" else HIDDEN,
+            "cannot be used: sslidentity is a PKCS#12 bundle, which Python's ssl module"
+            " cannot load (and sslpassword is only its password); build an ssl.SSLContext,"
+            " call load_cert_chain(cert, key, password) on it, and pass"
+            " connect_args={'ssl': context}",
+        )
+    sslmode = parse_choice("sslmode", params.get("sslmode", "disable"), SSLMODES)
+    sslaccept = None
+    if "sslaccept" in params:
+        sslaccept = parse_choice("sslaccept", params["sslaccept"], SSLACCEPT)
+    if "sslcert" in params:
+        if not params["sslcert"]:
+            raise InvalidParameter("sslcert", "", "must be a file path")
+        if sslaccept == "accept_invalid_certs":
+            raise InvalidParameter(
+                "sslaccept",
+                sslaccept,
+                "contradicts sslcert, which is there to verify the server's certificate",
+            )
+        sslaccept = "strict"
+    if sslaccept is not None:
+        if "sslmode" in params and sslmode == "disable":
+            raise InvalidParameter(
+                "sslmode", "disable", "contradicts sslaccept and sslcert, which need TLS"
+            )
+        sslmode = "require"
 
     ssl: ssl_module.SSLContext | None = None
-    if parse_choice("sslmode", params.get("sslmode", "disable"), SSLMODES) == "require":
+    if sslmode == "require" and sslaccept == "strict":
+        try:
+            ssl = ssl_module.create_default_context(cafile=params.get("sslcert"))
+        except (OSError, ssl_module.SSLError) as exc:
+            raise InvalidParameter(
+                "sslcert", params["sslcert"], f"cannot be loaded ({type(exc).__name__})"
+            ) from None
+    elif sslmode == "require":
         ssl = ssl_module.create_default_context()
         # encryption without verification: see the module docstring
         ssl.check_hostname = False
@@ -280,9 +453,21 @@ def create(url: str, *, connect_timeout: float | None, socket_timeout: float | N
             f"must be at most {MAX_APPLICATION_NAME_BYTES} bytes in UTF-8",
         )
 
+    extra = check_connect_args(
+        connect_args or {}, aiomysql.Connection.__init__, _MANAGED, "mysql"
+    )
+    ssl_given = [n for n in ("sslmode", "sslaccept", "sslcert") if n in params]
+    if "ssl" in extra and ssl_given:
+        raise InvalidParameter(
+            "connect_args",
+            "ssl",
+            f"conflicts with {', '.join(ssl_given)} in the URL: configure TLS in one place",
+        )
+
     connect_kwargs: dict[str, Any] = {
         "host": host or "localhost",
         "port": port or 3306,
+        "unix_socket": socket,
         "user": user,
         "password": password or "",
         "db": database or None,
@@ -293,10 +478,13 @@ def create(url: str, *, connect_timeout: float | None, socket_timeout: float | N
         "program_name": application_name,
         "cursorclass": QuietCursor,
     }
+    connect_kwargs.update(extra)
     return MySQLDriver(
         display_url=redact(parts),
         connect_kwargs=connect_kwargs,
-        tls=ssl is not None,
+        # TLSOnlyConnection refuses a server without TLS; an SSLContext from
+        # connect_args says as much as sslmode=require does
+        tls=connect_kwargs["ssl"] is not None,
         connect_timeout=connect_timeout,
         socket_timeout=socket_timeout,
     )

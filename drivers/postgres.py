@@ -1,18 +1,57 @@
 """PostgreSQL through asyncpg (asyncio only: asyncpg has no trio support).
 
 URL: ``postgresql://user:password@host:port/database?param=value`` (``postgres://``
-too). One host only. What the URL leaves out, asyncpg takes from libpq's
-environment variables (``PGHOST``, ``PGUSER``, ``PGPASSWORD``, ``PGSSLMODE`` ...)
-and ``~/.pgpass``, as psql would; with no host at all it tries the local
-Unix sockets first.
+too), libpq's and Prisma's forms both. A host list is libpq's:
+``postgresql://u@h1:5432,h2:5433/db``, or ``?host=h1&host=h2`` (each value
+may itself be a comma list) with ``?port=`` one port for all or a comma list
+of the same length. Query ``host``/``port`` win over the authority's, as in
+libpq, so Prisma's ``postgresql://u@localhost/db?host=/var/run/postgresql``
+connects over the Unix socket in that directory. What the URL leaves out,
+asyncpg takes from libpq's environment variables (``PGHOST``, ``PGUSER``,
+``PGPASSWORD``, ``PGSSLMODE`` ...) and ``~/.pgpass``, as psql would; with no
+host at all it tries the local Unix sockets first.
 
 Parameters:
 
+``host``, ``port``
+    as above; a host starting with ``/`` is a Unix socket directory.
+``user``, ``password``, ``dbname``
+    libpq's alternatives to the user info and the path (giving one both ways
+    is refused). A ``?password=`` is hidden wherever the URL is shown.
+``passfile``
+    a ``.pgpass`` file to read the password from (libpq's).
 ``sslmode``
     disable, allow, prefer (asyncpg's default), require, verify-ca, verify-full;
     as in libpq.
-``sslrootcert``, ``sslcert``, ``sslkey``
-    file paths, as in libpq.
+``sslrootcert``, ``sslcert``, ``sslkey``, ``sslcrl``, ``sslpassword``
+    file paths, as in libpq (``sslcert`` is the *client* certificate, as in
+    libpq, not Prisma's server certificate; use ``sslrootcert`` for that), and
+    the password of an encrypted ``sslkey``.
+``ssl_min_protocol_version``, ``ssl_max_protocol_version``
+    TLSv1, TLSv1.1, TLSv1.2 (the default minimum), TLSv1.3.
+``sslaccept``
+    Prisma's: ``strict`` requires TLS and verifies the server's certificate
+    and host name, against ``sslrootcert`` or else the system's trusted CAs
+    (asyncpg's own verify modes only read ``~/.postgresql/root.crt``); it
+    goes with no ``sslmode`` or a requiring one. ``accept_invalid_certs``
+    encrypts without checking the certificate (refused with ``verify-ca``,
+    ``verify-full`` or ``sslrootcert``, which say the opposite).
+``sslidentity``
+    refused: it is a PKCS#12 bundle, which Python's ``ssl`` cannot load.
+    The error says how to convert it for ``sslcert`` + ``sslkey``.
+``channel_binding``
+    ``disable`` or ``prefer`` (asyncpg never binds: its SCRAM is without
+    channel binding). ``require`` is refused, since it could not be honoured.
+``target_session_attrs``
+    any (default), read-write, read-only, primary, standby, prefer-standby,
+    with libpq's meanings. Checked by this module on each connection
+    (``SHOW transaction_read_only``, ``pg_is_in_recovery()``) rather than by
+    asyncpg, so that each refused host gets its reason.
+``load_balance_hosts``
+    ``disable`` (default: in order) or ``random`` (libpq 16's): a random
+    order on every connect.
+``krbsrvname``, ``gsslib``
+    Kerberos/GSSAPI service name and library, as in libpq.
 ``application_name``, ``options``
     sent in the startup packet; ``options`` is libpq's, e.g. ``-c geqo=off``.
 ``schema``
@@ -30,12 +69,28 @@ Parameters:
     ``search_path`` and ``options``, unless its ``ignore_startup_parameters``
     names them (and then the server never sees them).
 
+``connect_args`` (the ``Pool`` keyword) carries what a URL cannot to
+:func:`asyncpg.connect`: ``ssl`` (an ``SSLContext``; not with ``ssl*`` URL
+parameters), ``server_settings`` (merged with the URL's, no key twice),
+``record_class``, ``connection_class``, ``direct_tls``,
+``max_cached_statement_lifetime``, ``max_cacheable_statement_size``.
+
+Multi-host connecting (more than one host, or any ``target_session_attrs``
+but ``any``): the hosts are tried in order, each within ``connect_timeout``;
+the first that fits is kept. With prefer-standby, the first host that is
+not a standby is kept open as the fallback while the rest are tried (libpq
+dials the list a second time instead). When none fits, :class:`NoSuitableHost`
+(a ``ConnectionError``) names each host and why. A single host with
+``target_session_attrs`` unset or ``any`` takes the old path: one
+``asyncpg.connect``, no extra query.
+
 Quirks smoothed over here: asyncpg reads any query parameter it does not know
 as a server setting, so a typo would reach the server as a setting (or be
 silently kept); this module validates every parameter itself and hands asyncpg
 explicit arguments. ``socket_timeout`` becomes asyncpg's ``command_timeout``: a
 query over it raises :class:`TimeoutError` and asyncpg cancels it on the server,
-leaving the connection usable. A connect cancelled during TLS negotiation
+leaving the connection usable; a ``timeout=`` on one call does the same for
+that call. A connect cancelled during TLS negotiation
 (sslmode prefer, asyncpg's default, negotiates on every connect) makes asyncpg
 log "Future exception was never retrieved ... unexpected connection_lost()":
 noise from inside asyncpg, nothing leaks.
@@ -44,39 +99,92 @@ noise from inside asyncpg, nothing leaks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import ssl as ssl_module
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlencode
 
 import asyncpg
 
 from . import InvalidParameter
+from ._hosts import Host, NoSuitableHost, connect_first
 from ._url import (
+    HIDDEN,
+    check_connect_args,
     check_known,
     parse_bool,
     parse_choice,
-    parse_host_port,
+    parse_hosts,
     parse_nonnegative_int,
-    query_params,
+    query_multi,
     redact,
     split,
     user_and_password,
 )
 
-__all__ = ["PostgresDriver", "create", "quote_identifier"]
+__all__ = ["NoSuitableHost", "PostgresDriver", "create", "quote_identifier"]
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+SSLACCEPT = ("strict", "accept_invalid_certs")
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+CHANNEL_BINDING = ("disable", "prefer", "require")
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random")
+GSSLIBS = ("gssapi", "sspi")
 # the ones asyncpg parses itself, from a DSN that carries nothing else
-_SSL_PARAMS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+_SSL_PARAMS = (
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "sslpassword",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+)
+_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile")
 PARAMETERS = (
+    "host",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "passfile",
     *_SSL_PARAMS,
+    "sslaccept",
+    "sslidentity",
+    "channel_binding",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "krbsrvname",
+    "gsslib",
     "application_name",
     "options",
     "schema",
     "pgbouncer",
     "statement_cache_size",
 )
+#: asyncpg.connect keywords this module sets, and the URL parameter that sets each
+_MANAGED = {
+    "dsn": "the URL itself",
+    "host": "the URL's host or ?host=",
+    "port": "the URL's port or ?port=",
+    "user": "the URL's user or ?user=",
+    "password": "the URL's password or ?password=",
+    "passfile": "?passfile=",
+    "database": "the URL's path or ?dbname=",
+    "timeout": "connect_timeout",
+    "command_timeout": "socket_timeout",
+    "statement_cache_size": "?statement_cache_size= or ?pgbouncer=",
+    "target_session_attrs": "?target_session_attrs=",
+    "krbsrvname": "?krbsrvname=",
+    "gsslib": "?gsslib=",
+    "service": "not supported: put the service's settings in the URL",
+    "servicefile": "not supported: put the service's settings in the URL",
+}
 DEFAULT_STATEMENT_CACHE_SIZE = 100
+#: SQLSTATE read_only_sql_transaction: a write reached a read-only session
+READ_ONLY_SQLSTATE = "25006"
 
 #: asyncpg's connection; the library has no type hints
 Connection = Any
@@ -124,6 +232,8 @@ class PostgresDriver:
     """The adapter. Its connection type is asyncpg's own ``Connection``."""
 
     scheme = "postgresql"
+    #: asyncpg runs on asyncio only
+    async_libraries: tuple[str, ...] = ("asyncio",)
 
     def __init__(
         self,
@@ -133,6 +243,10 @@ class PostgresDriver:
         statement_cache_size: int,
         server_settings: dict[str, str],
         socket_timeout: float | None,
+        hosts: Sequence[Host] = (),
+        target_session_attrs: str | None = None,
+        load_balance: bool = False,
+        secrets: Sequence[str] = (),
     ) -> None:
         self._display_url = display_url
         self._connect_kwargs = connect_kwargs
@@ -141,18 +255,99 @@ class PostgresDriver:
         #: the startup parameters sent to the server (search_path, application_name, options)
         self.server_settings = server_settings
         self._socket_timeout = socket_timeout
+        self._hosts = tuple(hosts)
+        #: the hosts as the URL lists them, ``"host:port"``; one entry for a single host
+        self.hosts: tuple[str, ...] = tuple(str(h) for h in self._hosts)
+        # None: one host, no session check, so connect() is one asyncpg.connect
+        self._target = target_session_attrs
+        self._load_balance = load_balance
+        self._secrets = tuple(secrets)
 
     def __repr__(self) -> str:
         return f"<PostgresDriver {self._display_url}>"
 
     async def connect(self) -> Connection:
+        if self._target is None:
+            return await asyncpg.connect(
+                **self._connect_kwargs,
+                statement_cache_size=self.statement_cache_size,
+                # asyncpg mutates nothing here, but a fresh dict per connection
+                # keeps that an assumption we do not have to make
+                server_settings=dict(self.server_settings),
+            )
+        target = self._target
+        return await connect_first(
+            self._hosts,
+            wanted=f"target_session_attrs={target}",
+            connect=self._connect_host,
+            judge=self._judge,
+            fallback=self._any_role if target == "prefer-standby" else None,
+            discard=self.close,
+            terminate=self.terminate,
+            describe=self._describe,
+            shuffle=self._load_balance,
+        )
+
+    async def _connect_host(self, host: Host) -> Connection:
         return await asyncpg.connect(
             **self._connect_kwargs,
+            host=host.host,
+            port=host.port,
+            # our own check below, not asyncpg's: it gives no per-host reasons
+            target_session_attrs="any",
             statement_cache_size=self.statement_cache_size,
-            # asyncpg mutates nothing here, but a fresh dict per connection
-            # keeps that an assumption we do not have to make
             server_settings=dict(self.server_settings),
         )
+
+    async def _judge(self, conn: Connection) -> str | None:
+        """None when ``conn`` fits target_session_attrs, else why not."""
+        target = self._target
+        timeout = self._connect_kwargs["timeout"]
+        if target == "any":
+            return None
+        if target in ("read-write", "read-only"):
+            # on in a hot standby too, and under default_transaction_read_only
+            read_only = await conn.fetchval("SHOW transaction_read_only", timeout=timeout) == "on"
+            if read_only == (target == "read-only"):
+                return None
+            return "is read-only (transaction_read_only is on)" if read_only else (
+                "accepts writes (transaction_read_only is off)"
+            )
+        # primary, standby, prefer-standby. pg_is_in_recovery() rather than the
+        # in_hot_standby report, which PostgreSQL 15 and older do not send.
+        standby = bool(await conn.fetchval("SELECT pg_is_in_recovery()", timeout=timeout))
+        if standby == (target != "primary"):
+            return None
+        if standby:
+            return "is a standby (pg_is_in_recovery() is true)"
+        return "is not a standby (pg_is_in_recovery() is false)"
+
+    async def _any_role(self, conn: Connection) -> bool:
+        return True  # prefer-standby falls back to any server
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and not str(exc):
+            text = f"no answer within connect_timeout={self._connect_kwargs['timeout']}s"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        for secret in self._secrets:  # asyncpg does not echo it, but be sure
+            text = text.replace(secret, HIDDEN)
+        return text
+
+    def host_of(self, conn: Connection) -> str:
+        """The server ``conn`` is on, ``"host:port"`` as in :attr:`hosts`.
+
+        A Unix socket shows as its directory and port: ``"/var/run/postgresql:5432"``.
+        """
+        addr = conn._addr  # asyncpg keeps the address it connected to
+        if isinstance(addr, str):  # a Unix socket: <dir>/.s.PGSQL.<port>
+            directory, _, name = addr.rpartition("/")
+            return str(Host(directory, int(name.rpartition(".")[2])))
+        return str(Host(addr[0], int(addr[1])))
+
+    def is_read_only_error(self, exc: BaseException) -> bool:
+        """True for SQLSTATE 25006: a write sent to a read-only session (a standby)."""
+        return getattr(exc, "sqlstate", None) == READ_ONLY_SQLSTATE
 
     async def close(self, conn: Connection) -> None:
         # asyncpg aborts the connection itself when the graceful close fails
@@ -184,42 +379,206 @@ class PostgresDriver:
     async def rollback(self, conn: Connection) -> None:
         await conn.execute("ROLLBACK")
 
-    async def fetch(self, conn: Connection, sql: str, args: Sequence[Any]) -> list[Any]:
-        return list(await conn.fetch(sql, *args))
+    # timeout= is asyncpg's own: on expiry it cancels the query on the server
+    # and raises TimeoutError, and the connection stays usable.
 
-    async def fetchrow(self, conn: Connection, sql: str, args: Sequence[Any]) -> Any | None:
-        return await conn.fetchrow(sql, *args)
+    async def fetch(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> list[Any]:
+        return list(await conn.fetch(sql, *args, timeout=timeout))
 
-    async def fetchval(self, conn: Connection, sql: str, args: Sequence[Any]) -> Any:
-        return await conn.fetchval(sql, *args)
+    async def fetchrow(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any | None:
+        return await conn.fetchrow(sql, *args, timeout=timeout)
 
-    async def execute(self, conn: Connection, sql: str, args: Sequence[Any]) -> Any:
+    async def fetchval(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
+        return await conn.fetchval(sql, *args, timeout=timeout)
+
+    async def execute(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         """Returns the command tag, e.g. ``"INSERT 0 1"``, as asyncpg does."""
-        return await conn.execute(sql, *args)
+        return await conn.execute(sql, *args, timeout=timeout)
+
+    async def executemany(
+        self,
+        conn: Connection,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        """``sql`` once per argument tuple, pipelined; atomic, as asyncpg's is."""
+        await conn.executemany(sql, args_iterable, timeout=timeout)
 
     async def server_max_connections(self, conn: Connection) -> int | None:
         return int(await conn.fetchval("SHOW max_connections"))
 
 
+def _one(params: Mapping[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return None if values is None else values[0]
+
+
+def _hosts_of(
+    authority: list[tuple[str | None, int | None]], params: Mapping[str, list[str]]
+) -> list[Host]:
+    """The host list: the query's ``host``/``port`` win over the authority's (libpq)."""
+    names: list[str | None] = [h for h, _ in authority]
+    ports: list[int | None] = [p for _, p in authority]
+    if "host" in params:
+        names = []
+        for value in params["host"]:
+            for name in value.split(","):
+                if not name or "\0" in name:
+                    raise InvalidParameter(
+                        "host", value, "must be a host name, an IP address or a socket directory"
+                    )
+                names.append(name)
+        if len(set(ports)) == 1:
+            ports = ports[:1] * len(names)  # Prisma: the authority's port for ?host=
+        elif len(ports) != len(names):
+            raise InvalidParameter(
+                "port", ",".join(str(p or "") for p in ports), "must be one port or one per host"
+            )
+    if "port" in params:
+        if len(params["port"]) > 1:
+            raise InvalidParameter("port", params["port"][1], "is given more than once")
+        texts = params["port"][0].split(",")
+        given = [_port_of(t) if t else None for t in texts]
+        if len(given) == 1:
+            ports = given * len(names)
+        elif len(given) == len(names):
+            ports = given
+        else:
+            raise InvalidParameter(
+                "port", params["port"][0], f"must be one port or one per host ({len(names)})"
+            )
+    return [Host(n, p) for n, p in zip(names, ports, strict=True)]
+
+
+def _port_of(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise InvalidParameter("port", text, "must be a whole number from 1 to 65535")
+    return int(text)
+
+
+def _tls_context(params: Mapping[str, str], *, verify: bool) -> ssl_module.SSLContext:
+    """An SSLContext for sslaccept: verifying (system CAs unless sslrootcert) or not."""
+    name = "sslrootcert"
+    try:
+        if verify:
+            ctx = ssl_module.create_default_context(cafile=params.get("sslrootcert"))
+            if "sslcrl" in params:
+                name = "sslcrl"
+                ctx.load_verify_locations(cafile=params["sslcrl"])
+                ctx.verify_flags |= ssl_module.VERIFY_CRL_CHECK_CHAIN
+        else:
+            ctx = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl_module.CERT_NONE
+        if "sslcert" in params:
+            name = "sslcert"
+            password = params.get("sslpassword", "")
+            ctx.load_cert_chain(
+                params["sslcert"], params.get("sslkey"), password=lambda: password
+            )
+    except (OSError, ssl_module.SSLError) as exc:
+        raise InvalidParameter(
+            name, params.get(name, ""), f"cannot be loaded ({type(exc).__name__})"
+        ) from None
+    versions = {v: getattr(ssl_module.TLSVersion, v.replace(".", "_")) for v in TLS_VERSIONS}
+    ctx.minimum_version = versions[params.get("ssl_min_protocol_version", "TLSv1.2")]
+    if "ssl_max_protocol_version" in params:
+        ctx.maximum_version = versions[params["ssl_max_protocol_version"]]
+    return ctx
+
+
 def create(
-    url: str, *, connect_timeout: float | None, socket_timeout: float | None
+    url: str,
+    *,
+    connect_timeout: float | None,
+    socket_timeout: float | None,
+    connect_args: Mapping[str, Any] | None = None,
 ) -> PostgresDriver:
-    """Validate ``url`` (pool parameters already removed) and build the adapter."""
+    """Validate ``url`` (pool parameters already removed) and build the adapter.
+
+    ``connect_args`` go to :func:`asyncpg.connect` as they are, after a check
+    that asyncpg takes each key and that the URL does not set it already.
+    """
     parts = split(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise InvalidParameter("url", parts.scheme + "://", "must start with postgresql://")
-    params = query_params(parts)
-    check_known(params, PARAMETERS, "postgresql")
+    multi = query_multi(parts, repeatable=("host",))
+    check_known(multi, PARAMETERS, "postgresql")
+    params = {name: values[0] for name, values in multi.items()}
 
-    host, port = parse_host_port(parts)
+    hosts = _hosts_of(parse_hosts(parts), multi)
     user, password = user_and_password(parts)
     database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if "user" in params:
+        if user is not None:
+            raise InvalidParameter(
+                "user", params["user"], "is given both before the @ and as ?user="
+            )
+        user = params["user"] or None
+    if "password" in params:
+        if password is not None:
+            raise InvalidParameter(
+                "password", HIDDEN, "is given both before the @ and as ?password="
+            )
+        password = params["password"]
+    if "dbname" in params:
+        if database:
+            raise InvalidParameter(
+                "dbname", params["dbname"], "is given both as the path and as ?dbname="
+            )
+        database = params["dbname"]
 
-    if "sslmode" in params:
-        parse_choice("sslmode", params["sslmode"], SSLMODES)
-    for name in ("sslrootcert", "sslcert", "sslkey"):
+    for name in ("sslmode", "sslaccept", "channel_binding"):
+        choices = {"sslmode": SSLMODES, "sslaccept": SSLACCEPT, "channel_binding": CHANNEL_BINDING}
+        if name in params:
+            parse_choice(name, params[name], choices[name])
+    for name in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
+        if name in params:
+            parse_choice(name, params[name], TLS_VERSIONS)
+    if "gsslib" in params:
+        parse_choice("gsslib", params["gsslib"], GSSLIBS)
+    for name in _FILE_PARAMS:
         if name in params and not params[name]:
             raise InvalidParameter(name, "", "must be a file path")
+    if "sslidentity" in params:
+        raise InvalidParameter(
+            "sslidentity",
+            params["sslidentity"],
+            "is a PKCS#12 bundle, which Python's ssl module cannot load; split it with"
+            " `openssl pkcs12 -in id.p12 -clcerts -nokeys -out client.crt` and"
+            " `openssl pkcs12 -in id.p12 -nocerts -out client.key`, then pass sslcert="
+            " and sslkey= (and sslpassword= if the key is encrypted)",
+        )
+    if params.get("channel_binding") == "require":
+        raise InvalidParameter(
+            "channel_binding",
+            "require",
+            "cannot be honoured: asyncpg's SCRAM authentication has no channel binding"
+            " (use prefer or disable)",
+        )
+
+    target = None
+    if "target_session_attrs" in params:
+        target = parse_choice(
+            "target_session_attrs", params["target_session_attrs"], TARGET_SESSION_ATTRS
+        )
+    load_balance = (
+        parse_choice("load_balance_hosts", params["load_balance_hosts"], LOAD_BALANCE_HOSTS)
+        == "random"
+        if "load_balance_hosts" in params
+        else False
+    )
+    if len(hosts) > 1 and target is None:
+        target = "any"  # a list is tried host by host, by us
 
     pgbouncer = parse_bool("pgbouncer", params["pgbouncer"]) if "pgbouncer" in params else False
     if "statement_cache_size" in params:
@@ -259,24 +618,88 @@ def create(
                 raise InvalidParameter(name, params[name], "must not contain NUL")
             server_settings[name] = params[name]
 
+    ssl_context: ssl_module.SSLContext | None = None
+    sslmode = params.get("sslmode")
+    if params.get("sslaccept") == "strict":
+        if sslmode in ("disable", "allow", "prefer"):
+            raise InvalidParameter(
+                "sslaccept",
+                "strict",
+                f"verifies the server's certificate, so it needs TLS; sslmode={sslmode} makes"
+                " TLS optional (use sslmode=require, or leave sslmode out)",
+            )
+        ssl_context = _tls_context(params, verify=True)
+    elif params.get("sslaccept") == "accept_invalid_certs":
+        if sslmode in ("verify-ca", "verify-full") or "sslrootcert" in params:
+            raise InvalidParameter(
+                "sslaccept",
+                "accept_invalid_certs",
+                "contradicts sslmode=verify-ca/verify-full and sslrootcert, which verify"
+                " the server's certificate",
+            )
+        if sslmode == "require":
+            # asyncpg's require would still verify against ~/.postgresql/root.crt
+            ssl_context = _tls_context(params, verify=False)
+        # allow and prefer never verify in asyncpg: its own context is right
+
+    extra = check_connect_args(connect_args or {}, asyncpg.connect, _MANAGED, "postgresql")
+    ssl_given = [name for name in (*_SSL_PARAMS, "sslaccept") if name in params]
+    if "ssl" in extra and ssl_given:
+        raise InvalidParameter(
+            "connect_args",
+            "ssl",
+            f"conflicts with {', '.join(ssl_given)} in the URL: configure TLS in one place",
+        )
+    if "server_settings" in extra:
+        settings = extra.pop("server_settings")
+        if not isinstance(settings, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in settings.items()
+        ):
+            raise InvalidParameter(
+                "connect_args", "server_settings", "must be a dict of str to str"
+            )
+        for key in settings:
+            if key in server_settings:
+                raise InvalidParameter(
+                    "connect_args",
+                    "server_settings",
+                    f"sets {key!r}, which the URL sets already",
+                )
+        server_settings.update(settings)
+
     ssl = {name: params[name] for name in _SSL_PARAMS if name in params}
     connect_kwargs: dict[str, Any] = {
         # Only the TLS parameters travel in a DSN, because only asyncpg's DSN
         # parser builds the SSL context from sslrootcert/sslcert/sslkey the way
         # libpq does; everything else is an explicit argument.
-        "dsn": "postgresql://?" + urlencode(ssl) if ssl else None,
-        "host": host,
-        "port": port,
+        "dsn": "postgresql://?" + urlencode(ssl) if ssl and ssl_context is None else None,
         "user": user,
         "password": password,
         "database": database or None,
         "timeout": connect_timeout,
         "command_timeout": socket_timeout,
     }
+    if ssl_context is not None:
+        connect_kwargs["ssl"] = ssl_context
+    for name in ("passfile", "krbsrvname", "gsslib"):
+        if name in params:  # only when given: older asyncpg lacks some of them
+            connect_kwargs[name] = params[name]
+    connect_kwargs.update(extra)
+    if target is None:
+        # one host, no session check: the plain path, one asyncpg.connect
+        connect_kwargs["host"] = hosts[0].host
+        connect_kwargs["port"] = hosts[0].port
+    elif "target_session_attrs" in params and len(hosts) == 1 and target == "any":
+        target = None
+        connect_kwargs.update(host=hosts[0].host, port=hosts[0].port, target_session_attrs="any")
     return PostgresDriver(
         display_url=redact(parts),
         connect_kwargs=connect_kwargs,
         statement_cache_size=statement_cache_size,
         server_settings=server_settings,
         socket_timeout=socket_timeout,
+        hosts=hosts,
+        target_session_attrs=target,
+        load_balance=load_balance,
+        secrets=[s for s in (password, params.get("sslpassword")) if s],
     )

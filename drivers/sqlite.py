@@ -47,7 +47,21 @@ Quirks:
 - Several connections opening a new file together race to switch it to wal,
   and SQLite fails the losers with ``database is locked`` at once rather than
   waiting; the switch is retried here until ``busy_timeout``.
-- ``socket_timeout`` does not apply: there is no socket.
+- ``socket_timeout`` does not apply: there is no socket. A call's own
+  ``timeout=`` does: at the deadline the running statement is interrupted
+  (``sqlite3.Connection.interrupt()``, from the event loop's thread), the
+  call waits for its worker thread, and raises :class:`TimeoutError` chained
+  to sqlite3's ``interrupted`` error. The connection stays usable; an
+  interrupted write inside a transaction rolls the whole transaction back
+  (SQLite's rule).
+- ``executemany`` runs in one worker-thread call, inside a transaction of its
+  own when none is open: all rows or none, and one commit instead of one per
+  row.
+
+``connect_args`` (the ``Pool`` keyword) go to :func:`sqlite3.connect`:
+``detect_types``, ``factory``, ``cached_statements``. The others are set by
+this module (``timeout`` is ``busy_timeout``; autocommit and
+``check_same_thread=False`` are what the pool relies on).
 """
 
 from __future__ import annotations
@@ -57,14 +71,22 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+import anyio
 import anyio.to_thread
 
 from . import InvalidParameter
-from ._url import check_known, parse_choice, parse_seconds, query_params, split
+from ._url import (
+    check_connect_args,
+    check_known,
+    parse_choice,
+    parse_seconds,
+    query_params,
+    split,
+)
 
 __all__ = ["SQLiteConnection", "SQLiteDriver", "create"]
 
@@ -72,6 +94,19 @@ PARAMETERS = ("busy_timeout", "journal_mode")
 JOURNAL_MODES = ("wal", "delete", "truncate", "memory", "off")
 DEFAULT_BUSY_TIMEOUT = 5.0
 MEMORY = ":memory:"
+#: what sqlite3.connect takes (it is a builtin without a signature to read)
+_CONNECT_KEYWORDS = (
+    "database", "timeout", "detect_types", "isolation_level", "check_same_thread",
+    "factory", "cached_statements", "uri", "autocommit",
+)
+_MANAGED = {
+    "database": "the URL's path",
+    "timeout": "?busy_timeout=",
+    "isolation_level": "always None: autocommit, BEGIN is explicit",
+    "autocommit": "always the legacy autocommit mode: BEGIN is explicit",
+    "check_same_thread": "always False: each call may run on another worker thread",
+    "uri": "the URL",
+}
 # a named in-memory database that other connections of this process can open
 _SHARED_MEMDB = sqlite3.sqlite_version_info >= (3, 36, 0)
 
@@ -121,22 +156,52 @@ class SQLiteConnection:
         # A read of sqlite3_get_autocommit(): no I/O, safe without a thread.
         return not self._closed and self.raw.in_transaction
 
-    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        return await self._run(lambda: self.raw.execute(sql, args).fetchall())
+    # timeout= as on asyncpg's Connection: the statement is interrupted at the
+    # deadline and TimeoutError raised; the connection stays usable.
 
-    async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+    async def fetch(
+        self, sql: str, *args: Any, timeout: float | None = None
+    ) -> list[tuple[Any, ...]]:
+        return await self._run(lambda: self.raw.execute(sql, args).fetchall(), timeout)
+
+    async def fetchrow(
+        self, sql: str, *args: Any, timeout: float | None = None
+    ) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = await self._run(
-            lambda: self.raw.execute(sql, args).fetchone()
+            lambda: self.raw.execute(sql, args).fetchone(), timeout
         )
         return row
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        row = await self.fetchrow(sql, *args)
+    async def fetchval(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
+        row = await self.fetchrow(sql, *args, timeout=timeout)
         return None if row is None else row[0]
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
         """Rows changed by INSERT/UPDATE/DELETE; -1 for other statements."""
-        return await self._run(lambda: self.raw.execute(sql, args).rowcount)
+        return await self._run(lambda: self.raw.execute(sql, args).rowcount, timeout)
+
+    async def executemany(
+        self, sql: str, args_iterable: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        """``sql`` once per argument tuple, in one thread call; all rows or none."""
+        raw = self.raw
+
+        def run() -> None:
+            own = not raw.in_transaction
+            if own:
+                raw.execute("BEGIN")
+            try:
+                raw.executemany(sql, args_iterable)
+                if own:
+                    raw.execute("COMMIT")
+            except BaseException:
+                # (an interrupted write has rolled the transaction back already)
+                if own and raw.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        raw.execute("ROLLBACK")
+                raise
+
+        await self._run(run, timeout)
 
     async def close(self) -> None:
         """Close; an open transaction is rolled back."""
@@ -176,25 +241,66 @@ class SQLiteConnection:
                 with contextlib.suppress(Exception):
                     self.raw.close()
 
-    async def _run(self, call: Callable[[], T]) -> T:
+    async def _run(self, call: Callable[[], T], timeout: float | None = None) -> T:
         # Not abandon_on_cancel: a cancelled caller waits for the thread, so
         # the connection is never in use by a thread nobody is awaiting.
-        return await anyio.to_thread.run_sync(self._in_thread, call)
+        if timeout is None:
+            return await anyio.to_thread.run_sync(self._in_thread, call)
+        # A cancel scope alone would wait for the statement to finish, however
+        # long: a watchdog interrupts it instead, and we still wait for the
+        # thread, which then returns at once with sqlite3's "interrupted".
+        interrupted = False
+
+        async def watchdog() -> None:
+            nonlocal interrupted
+            await anyio.sleep(timeout)
+            interrupted = True
+            with self._lock:  # never interrupt a connection closed meanwhile
+                if not self._closed:
+                    self.raw.interrupt()  # thread-safe: sqlite3_interrupt()
+
+        outcome: T | None = None
+        error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watchdog)
+            try:
+                outcome = await anyio.to_thread.run_sync(self._in_thread, call)
+            except sqlite3.OperationalError as exc:
+                error = exc  # raised below, outside the group, unwrapped
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            if interrupted:
+                raise TimeoutError(
+                    f"the statement ran past timeout={timeout}s and was interrupted"
+                ) from error
+            raise error
+        return outcome  # type: ignore[return-value]  # set when no error
 
 
 class SQLiteDriver:
     """The adapter. Its connection type is :class:`SQLiteConnection`."""
 
     scheme = "sqlite"
+    #: sqlite3 runs in anyio worker threads, so on both of anyio's backends
+    async_libraries: tuple[str, ...] = ("asyncio", "trio")
 
     def __init__(
-        self, *, display_url: str, target: str, uri: bool, busy_timeout: float, journal_mode: str
+        self,
+        *,
+        display_url: str,
+        target: str,
+        uri: bool,
+        busy_timeout: float,
+        journal_mode: str,
+        connect_args: Mapping[str, Any] | None = None,
     ) -> None:
         self._display_url = display_url
         self._target = target
         self._uri = uri
         self.busy_timeout = busy_timeout
         self.journal_mode = journal_mode
+        self._connect_args = dict(connect_args or {})
 
     def __repr__(self) -> str:
         return f"<SQLiteDriver {self._display_url}>"
@@ -205,12 +311,13 @@ class SQLiteDriver:
         return SQLiteConnection(await anyio.to_thread.run_sync(self._open))
 
     def _open(self) -> sqlite3.Connection:
-        raw = sqlite3.connect(
+        raw: sqlite3.Connection = sqlite3.connect(
             self._target,
             timeout=self.busy_timeout,  # sets SQLite's busy timeout
             isolation_level=None,  # autocommit; BEGIN is explicit
             check_same_thread=False,  # each call may run on another worker thread
             uri=self._uri,
+            **self._connect_args,
         )
         try:
             self._set_journal_mode(raw)
@@ -269,29 +376,76 @@ class SQLiteDriver:
     async def rollback(self, conn: SQLiteConnection) -> None:
         await conn.execute("ROLLBACK")
 
-    async def fetch(self, conn: SQLiteConnection, sql: str, args: Sequence[Any]) -> list[Any]:
-        return await conn.fetch(sql, *args)
+    async def fetch(
+        self,
+        conn: SQLiteConnection,
+        sql: str,
+        args: Sequence[Any],
+        timeout: float | None = None,
+    ) -> list[Any]:
+        return await conn.fetch(sql, *args, timeout=timeout)
 
-    async def fetchrow(self, conn: SQLiteConnection, sql: str, args: Sequence[Any]) -> Any | None:
-        return await conn.fetchrow(sql, *args)
+    async def fetchrow(
+        self,
+        conn: SQLiteConnection,
+        sql: str,
+        args: Sequence[Any],
+        timeout: float | None = None,
+    ) -> Any | None:
+        return await conn.fetchrow(sql, *args, timeout=timeout)
 
-    async def fetchval(self, conn: SQLiteConnection, sql: str, args: Sequence[Any]) -> Any:
-        return await conn.fetchval(sql, *args)
+    async def fetchval(
+        self,
+        conn: SQLiteConnection,
+        sql: str,
+        args: Sequence[Any],
+        timeout: float | None = None,
+    ) -> Any:
+        return await conn.fetchval(sql, *args, timeout=timeout)
 
-    async def execute(self, conn: SQLiteConnection, sql: str, args: Sequence[Any]) -> Any:
-        return await conn.execute(sql, *args)
+    async def execute(
+        self,
+        conn: SQLiteConnection,
+        sql: str,
+        args: Sequence[Any],
+        timeout: float | None = None,
+    ) -> Any:
+        return await conn.execute(sql, *args, timeout=timeout)
+
+    async def executemany(
+        self,
+        conn: SQLiteConnection,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        await conn.executemany(sql, args_iterable, timeout=timeout)
 
     async def server_max_connections(self, conn: SQLiteConnection) -> int | None:
         return None  # no server, no ceiling
 
+    def host_of(self, conn: SQLiteConnection) -> str:
+        """The database: the URL as given (there is no host)."""
+        return self._display_url
+
+    def is_read_only_error(self, exc: BaseException) -> bool:
+        """True for SQLITE_READONLY and its extended codes (a read-only file, say)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_READONLY
+
 
 def create(
-    url: str, *, connect_timeout: float | None, socket_timeout: float | None
+    url: str,
+    *,
+    connect_timeout: float | None,
+    socket_timeout: float | None,
+    connect_args: Mapping[str, Any] | None = None,
 ) -> SQLiteDriver:
     """Validate ``url`` (pool parameters already removed) and build the adapter.
 
     ``connect_timeout`` and ``socket_timeout`` do not apply: opening a file
     does not hang on a network, and ``busy_timeout`` bounds lock waits.
+    ``connect_args`` go to :func:`sqlite3.connect`, checked first.
     """
     parts = split(url)
     if parts.scheme != "sqlite":
@@ -333,10 +487,12 @@ def create(
     else:
         # a plain path, not a file: URI, so that '?' and '#' in a name stay literal
         target, uri = path, False
+    extra = check_connect_args(connect_args or {}, _CONNECT_KEYWORDS, _MANAGED, "sqlite")
     return SQLiteDriver(
         display_url=url,
         target=target,
         uri=uri,
         busy_timeout=busy_timeout,
         journal_mode=journal_mode,
+        connect_args=extra,
     )

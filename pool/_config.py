@@ -11,8 +11,10 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlencode, urlsplit
 
 import psutil
 
@@ -63,29 +65,65 @@ class PoolConfig:
     leak_detection_threshold: float | None
 
 
+#: query parameters whose values are secrets (libpq's ?password=, ?sslpassword=)
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
+def _secret_pieces(query: str) -> list[tuple[int, str]]:
+    """(index, raw value) of each ``&``-piece of ``query`` that holds a secret."""
+    found = []
+    for i, piece in enumerate(query.split("&")):
+        key, eq, value = piece.partition("=")
+        if eq and unquote_plus(key) in SECRET_PARAMETERS:
+            found.append((i, value))
+    return found
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``. Never raises."""
+    """``url`` with its passwords replaced by ``***``. Never raises.
+
+    Both the user info's and those given as ``?password=``/``?sslpassword=``.
+    """
     try:
         parts = urlsplit(url)
-        if parts.password is None:
+        secret_pieces = _secret_pieces(parts.query)
+        if parts.password is None and not secret_pieces:
             return url
-        host = parts.netloc.rpartition("@")[2]
-        user = quote(parts.username or "", safe="")
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = quote(parts.username or "", safe="")
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        if secret_pieces:
+            pieces = parts.query.split("&")
+            for i, _ in secret_pieces:
+                pieces[i] = pieces[i].partition("=")[0] + "=***"
+            parts = parts._replace(query="&".join(pieces))
+        # by hand, not urlunsplit(): that would turn sqlite:////abs into sqlite://abs
+        head = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        return (
+            head
+            + (f"?{parts.query}" if parts.query else "")
+            + (f"#{parts.fragment}" if parts.fragment else "")
+        )
     except ValueError:
         # Unparseable: keep the scheme, hide everything that may hold a secret.
         return url.split("://", 1)[0] + "://***" if "://" in url else "***"
 
 
 def secrets_of(url: str) -> tuple[str, ...]:
-    """The password of ``url`` as written and as decoded, to scrub from messages."""
+    """Every password in ``url``, as written and as decoded, to scrub from messages.
+
+    The user info's, and the values of ``?password=`` and ``?sslpassword=``.
+    """
     try:
         parts = urlsplit(url)
         raw = parts.netloc.rpartition("@")[0].partition(":")[2]
-        decoded = parts.password or ""
+        found = {raw, parts.password or ""}
+        for _, value in _secret_pieces(parts.query):
+            found.update((value, unquote(value), unquote_plus(value)))
     except ValueError:
         return ()
-    return tuple(s for s in {raw, decoded} if s)
+    return tuple(s for s in found if s)
 
 
 # --------------------------------------------------------------------------- values
@@ -206,11 +244,42 @@ def _unknown(name: str, value: object) -> ConfigError:
 # --------------------------------------------------------------------------- the URL
 
 
+#: the keyword that carries what a URL cannot (an SSLContext, server_settings, ...)
+CONNECT_ARGS = "connect_args"
+
+_NO_ARGS: Mapping[str, Any] = MappingProxyType({})
+
+# Where the host may be a query parameter instead (libpq's and Prisma's
+# ?host=/var/run/postgresql, Prisma's MySQL ?socket=), an empty authority is fine.
+_HOST_PARAMETERS = {
+    "postgresql": "host",
+    "postgres": "host",
+    "mysql": "socket",
+    "mariadb": "socket",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     config: PoolConfig
     #: what the driver receives: the URL less the pool's parameters (holds the password)
     driver_url: str
+    #: ``Pool(..., connect_args=...)``, checked to be a str-keyed mapping; for
+    #: ``load_driver(connect_args=...)``. Never shown: it may hold secrets.
+    connect_args: Mapping[str, Any] = field(default_factory=lambda: _NO_ARGS, repr=False)
+
+
+def _connect_args(value: object) -> Mapping[str, Any]:
+    """Validate the ``connect_args`` keyword: a mapping with str keys (values unseen)."""
+    if value is None:
+        return _NO_ARGS
+    if not isinstance(value, Mapping):
+        raise ConfigError(CONNECT_ARGS, type(value).__name__, "must be a dict of keyword arguments")
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(CONNECT_ARGS, repr(key), "must have str keys")
+    # a read-only copy: later changes to the caller's dict cannot reach the driver
+    return MappingProxyType(dict(value))
 
 
 def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = False) -> Parsed:
@@ -225,7 +294,9 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
         raise ConfigError("url", url, "must be a database URL such as postgresql://user@host/db")
     try:
         parts = urlsplit(url.strip())
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        if "," not in parts.netloc.rpartition("@")[2]:
+            # a host list (libpq's h1:p1,h2:p2) is the driver's to read
+            parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError("url", shown, f"is not a valid URL ({exc})") from None
     scheme = parts.scheme.lower()
@@ -237,19 +308,25 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
             shown,
             f"has an unsupported scheme {scheme!r}; use one of {', '.join(SUPPORTED_SCHEMES)}",
         )
-    if scheme in SUPPORTED_SCHEMES and scheme != "sqlite" and not parts.hostname:
-        raise ConfigError("url", shown, "names no host")
-
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ConfigError("url", shown, "has a malformed query string") from None
+    if (
+        scheme in SUPPORTED_SCHEMES
+        and scheme != "sqlite"
+        and not parts.hostname
+        and not any(name == _HOST_PARAMETERS.get(scheme) for name, _ in pairs)
+    ):
+        raise ConfigError("url", shown, "names no host")
 
     seen: set[str] = set()
     pool_values: dict[str, object] = {}
     driver_pairs: list[tuple[str, str]] = []
     for name, value in pairs:
-        if name in seen:
+        if name in seen and name in POOL_PARAMETERS:
+            # (a driver parameter given twice is the driver's to judge: libpq
+            # repeats ?host=, and a repeated ?password= must not be echoed here)
             raise ConfigError(name, value, "is given more than once in the URL")
         seen.add(name)
         if name in POOL_PARAMETERS:
@@ -259,7 +336,11 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
         else:
             driver_pairs.append((name, value))
 
+    connect_args = _NO_ARGS
     for name, override in overrides.items():
+        if name == CONNECT_ARGS:
+            connect_args = _connect_args(override)
+            continue
         if name not in POOL_PARAMETERS:
             raise _unknown(name, override)
         pool_values[name] = override  # keywords win over the URL
@@ -279,4 +360,4 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
     if driver_pairs:
         driver_url += "?" + urlencode(driver_pairs)
     config = PoolConfig(url=redact_url(driver_url), scheme=scheme, **values)  # type: ignore[arg-type]
-    return Parsed(config=config, driver_url=driver_url)
+    return Parsed(config=config, driver_url=driver_url, connect_args=connect_args)

@@ -8,7 +8,7 @@ only when a URL with its scheme is opened, so a MySQL user needs no asyncpg.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ._errors import ConfigError
@@ -24,6 +24,29 @@ class Driver(Protocol[C]):
     Adapters smooth over their library's quirks (aiomysql's auto-reconnect,
     asyncpg's prepared-statement cache behind PgBouncer, sqlite3's threads),
     so that the engine never has to know them.
+
+    The query helpers take asyncpg's ``timeout=``: seconds for that one call
+    (None: the driver's ``socket_timeout``, if any). On expiry they raise
+    :class:`TimeoutError` (asyncpg's own, on PostgreSQL), and the connection
+    is either still usable or shows ``is_alive() == False``. Drivers written
+    before ``timeout=`` and ``executemany`` existed still work as long as the
+    engine is not asked to use them: it passes ``timeout`` only when a caller
+    gave one.
+
+    Optional members, read with ``getattr`` so that older drivers need none
+    of them (the bundled drivers have all three):
+
+    ``async_libraries: tuple[str, ...]``
+        the async libraries (sniffio names) the driver runs on, e.g.
+        ``("asyncio",)`` for asyncpg and aiomysql, ``("asyncio", "trio")`` for
+        sqlite3 in worker threads. Absent: assume any.
+    ``host_of(conn) -> str``
+        the server a connection is on, ``"host:port"`` (a Unix socket as
+        ``"/dir:port"`` on PostgreSQL, its path on MySQL), so that the engine
+        can retire every connection of one host of a multi-host URL.
+    ``is_read_only_error(exc) -> bool``
+        True when a query failed because the server is read-only (SQLSTATE
+        25006 on PostgreSQL: a standby, or a read-only session).
     """
 
     #: the canonical scheme, e.g. ``"postgresql"``; used in log lines
@@ -59,13 +82,35 @@ class Driver(Protocol[C]):
 
     async def rollback(self, conn: C) -> None: ...
 
-    async def fetch(self, conn: C, sql: str, args: Sequence[Any]) -> list[Any]: ...
+    async def fetch(
+        self, conn: C, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> list[Any]: ...
 
-    async def fetchrow(self, conn: C, sql: str, args: Sequence[Any]) -> Any | None: ...
+    async def fetchrow(
+        self, conn: C, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any | None: ...
 
-    async def fetchval(self, conn: C, sql: str, args: Sequence[Any]) -> Any: ...
+    async def fetchval(
+        self, conn: C, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any: ...
 
-    async def execute(self, conn: C, sql: str, args: Sequence[Any]) -> Any: ...
+    async def execute(
+        self, conn: C, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any: ...
+
+    async def executemany(
+        self,
+        conn: C,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        """Run ``sql`` once per argument sequence: all or nothing, as asyncpg's is.
+
+        Outside a transaction the driver opens one for the batch; inside one,
+        the batch is part of it.
+        """
+        ...
 
     async def server_max_connections(self, conn: C) -> int | None:
         """The server's connection ceiling, or None where there is none."""
@@ -90,12 +135,19 @@ def load_driver(
     *,
     connect_timeout: float | None,
     socket_timeout: float | None,
+    connect_args: Mapping[str, Any] | None = None,
 ) -> Driver[Any]:
     """Import the driver module for ``scheme`` and build an adapter for ``url``.
 
     ``url`` has the pool parameters already removed. A missing library is a
     :class:`ConfigError` that names the extra to install; a driver parameter the
     driver rejects becomes a :class:`ConfigError` too.
+
+    ``connect_args`` (``Pool(..., connect_args={...})``) is what a URL cannot
+    carry (an ``SSLContext``, asyncpg's ``server_settings``, a record class);
+    the driver checks each key against its library's connect and passes them
+    on. A bad key is a :class:`ConfigError` naming the key and the accepted
+    ones, never the value, which may be a secret.
     """
     module_name, extra = _SCHEMES[scheme]
     try:
@@ -111,9 +163,17 @@ def load_driver(
     from drivers import InvalidParameter
 
     try:
-        driver: Driver[Any] = module.create(
-            url, connect_timeout=connect_timeout, socket_timeout=socket_timeout
-        )
+        if connect_args:
+            driver: Driver[Any] = module.create(
+                url,
+                connect_timeout=connect_timeout,
+                socket_timeout=socket_timeout,
+                connect_args=connect_args,
+            )
+        else:  # the keyword only when used: a driver module of an older shape still loads
+            driver = module.create(
+                url, connect_timeout=connect_timeout, socket_timeout=socket_timeout
+            )
     except InvalidParameter as exc:
         raise ConfigError(exc.parameter, exc.value, exc.reason) from None
     return driver

@@ -8,7 +8,7 @@ connect fail, or kill a connection, exactly when it wants.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -103,21 +103,39 @@ class FakeDriver:
         else:
             conn.committed.append(sql)
 
-    async def fetch(self, conn: FakeConnection, sql: str, args: Sequence[Any]) -> list[Any]:
+    async def fetch(
+        self, conn: FakeConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> list[Any]:
         await self._run(conn, sql)
         return [(conn.id, *args)]
 
-    async def fetchrow(self, conn: FakeConnection, sql: str, args: Sequence[Any]) -> Any:
+    async def fetchrow(
+        self, conn: FakeConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         await self._run(conn, sql)
         return (conn.id, *args)
 
-    async def fetchval(self, conn: FakeConnection, sql: str, args: Sequence[Any]) -> Any:
+    async def fetchval(
+        self, conn: FakeConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         await self._run(conn, sql)
         return conn.id
 
-    async def execute(self, conn: FakeConnection, sql: str, args: Sequence[Any]) -> Any:
+    async def execute(
+        self, conn: FakeConnection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
         await self._run(conn, sql)
         return "OK"
+
+    async def executemany(
+        self,
+        conn: FakeConnection,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        for _ in args_iterable:
+            await self._run(conn, sql)
 
     async def server_max_connections(self, conn: FakeConnection) -> int | None:
         return None
