@@ -15,7 +15,7 @@ from ._errors import ConfigError
 
 C = TypeVar("C")
 
-__all__ = ["Driver", "load_driver"]
+__all__ = ["Driver", "check_runs_on", "load_driver"]
 
 
 class Driver(Protocol[C]):
@@ -127,6 +127,23 @@ _SCHEMES: dict[str, tuple[str, str]] = {
 }
 
 SUPPORTED_SCHEMES = tuple(_SCHEMES)
+
+#: the built-in drivers that run on trio (the others need asyncio)
+TRIO_SCHEMES = ("sqlite",)
+
+
+def check_runs_on(driver: Driver[Any], library: str) -> None:
+    """A driver that cannot run on this event loop is a ConfigError, before any connect."""
+    libraries: tuple[str, ...] | None = getattr(driver, "async_libraries", None)
+    if libraries is None or library in libraries:
+        return
+    scheme = getattr(driver, "scheme", "this")
+    raise ConfigError(
+        "url",
+        scheme + "://",
+        f"the {scheme} driver runs on {' and '.join(libraries)} only, not on {library}; "
+        f"the drivers that run on trio: {', '.join(s + '://' for s in TRIO_SCHEMES)}",
+    )
 
 
 def load_driver(

@@ -23,7 +23,7 @@ import anyio.lowlevel
 from . import _diagnosis, _shims
 from ._config import PoolConfig
 from ._conn import LENT, Conn
-from ._driver import Driver
+from ._driver import Driver, check_runs_on
 from ._errors import PoolClosedError, TooManyWaitersError
 from ._ledger import CLOSE, CLOSING, OPEN, RELEASED, Ledger
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
@@ -59,6 +59,10 @@ class Engine(Generic[C]):
         )
         self.wait_timeout = config.pool_timeout or math.inf
         self.io_timeout = config.connect_timeout or CLEANUP_TIMEOUT
+        # A multi-host URL tries each host within connect_timeout: the whole
+        # connect may take that long per host.
+        hosts = len(getattr(driver, "hosts", ()) or ()) or 1
+        self.connect_timeout = (config.connect_timeout or math.inf) * hosts
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         self.server_checked = False
@@ -75,6 +79,7 @@ class Engine(Generic[C]):
         ledger = self.ledger
         if ledger.state is CLOSING:
             raise PoolClosedError("the pool is disconnecting")
+        check_runs_on(self.driver, library)
         ledger.current_task = _shims.current_task_for(library)
         self.checkpoint_if_cancelled = _shims.checkpoint_if_cancelled_for(library)
         self.loop = asyncio.get_running_loop() if library == "asyncio" else None
@@ -275,7 +280,7 @@ class Engine(Generic[C]):
         try:
             with scope:
                 try:
-                    with anyio.fail_after(self.config.connect_timeout or math.inf):
+                    with anyio.fail_after(self.connect_timeout):
                         raw = await self.driver.connect()
                     if not self.server_checked:
                         self.server_checked = True

@@ -30,7 +30,11 @@ def shared(url: str, /, **overrides: object) -> Pool[Any]:
     gets a fresh pool and never touches its parent's connections.
     """
     parsed = _config.parse(url, overrides)  # validates, and normalises URL vs keywords
-    key = (parsed.driver_url, *dataclasses.astuple(parsed.config))
+    # connect_args take part by value where they are plain data (a dict of
+    # server_settings built afresh on each call still finds the same pool), by
+    # identity otherwise (the same SSLContext shares a pool, another does not).
+    extra = _freeze(parsed.connect_args)
+    key = (parsed.driver_url, *dataclasses.astuple(parsed.config), extra)
     registry = _registry.shared_registry()
     db = registry.get(key)
     if db is None:
@@ -39,6 +43,17 @@ def shared(url: str, /, **overrides: object) -> Pool[Any]:
         registry[key] = db
     assert isinstance(db, Pool)
     return db
+
+
+def _freeze(value: object) -> object:
+    """A hashable stand-in for ``value``: plain data by value, anything else by identity."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (str, int, float, bool, bytes, type(None))):
+        return value
+    return ("id", id(value))
 
 
 def recommended_connection_limit(

@@ -15,7 +15,7 @@ are called straight from here. The parts, each of which reads alone:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
@@ -67,6 +67,7 @@ class Pool(Generic[C]):
                 parsed.driver_url,
                 connect_timeout=cfg.connect_timeout,
                 socket_timeout=cfg.socket_timeout,
+                connect_args=parsed.connect_args,
             )
         self._driver: Driver[C] = driver
         self._engine: Engine[C] = Engine(driver, cfg, _config.secrets_of(parsed.driver_url))
@@ -123,38 +124,53 @@ class Pool(Generic[C]):
         if not self._ledger.give_back(conn):
             await self._engine.release(conn, None)
 
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        """Run a query on a pooled connection and return all rows."""
-        rows: list[Any] = await self._run(self._driver.fetch, sql, args)
+    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Run a query on a pooled connection and return all rows.
+
+        ``timeout`` bounds the query (as asyncpg's does); the wait for a
+        connection keeps ``pool_timeout``.
+        """
+        rows: list[Any] = await self._run(self._driver.fetch, sql, args, timeout)
         return rows
 
-    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+    async def fetchrow(self, sql: str, *args: Any, timeout: float | None = None) -> Any | None:
         """Run a query and return its first row, or None."""
-        return await self._run(self._driver.fetchrow, sql, args)
+        return await self._run(self._driver.fetchrow, sql, args, timeout)
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
+    async def fetchval(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
         """Run a query and return the first column of its first row."""
-        return await self._run(self._driver.fetchval, sql, args)
+        return await self._run(self._driver.fetchval, sql, args, timeout)
 
-    async def execute(self, sql: str, *args: Any) -> Any:
+    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
         """Run a statement; returns what the driver returns (status or row count)."""
-        return await self._run(self._driver.execute, sql, args)
+        return await self._run(self._driver.execute, sql, args, timeout)
+
+    async def executemany(
+        self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        """Run a statement once per argument tuple, all or nothing (as asyncpg's does)."""
+        await self._run(self._driver.executemany, sql, args, timeout)
 
     async def _run(
         self,
-        call: Callable[[C, str, Sequence[Any]], Awaitable[Any]],
+        call: Callable[..., Awaitable[Any]],
         sql: str,
-        args: tuple[Any, ...],
+        args: Any,
+        timeout: float | None,
     ) -> Any:
         """Acquire, run one driver call, release: the body of the query helpers."""
         if type(sql) is not str:
             raise TypeError(f"sql must be a str, got {type(sql).__name__}")
+        if timeout is not None:
+            _config.check_seconds("timeout", timeout)
         ledger = self._ledger
         conn = ledger.take_idle()
         if conn is None:
             conn = await self._engine.acquire(None)
         try:
-            result = await call(conn, sql, args)
+            result = await (
+                call(conn, sql, args) if timeout is None else call(conn, sql, args, timeout)
+            )
         except BaseException as exc:
             await self._engine.release(conn, exc)
             raise

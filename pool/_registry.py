@@ -57,9 +57,10 @@ def target_of(scheme: str, driver_url: str) -> str:
     if scheme == "sqlite":
         return f"sqlite://{parts.path}"
     family = {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
-    host = parts.hostname or ""
-    port = parts.port or ""
-    return f"{family}://{parts.username or ''}@{host}:{port}{parts.path}"
+    # The authority may be libpq's host list (h1:5432,h2:5433), which urlsplit's
+    # .port refuses: take it verbatim, less any user info.
+    hosts = parts.netloc.rpartition("@")[2]
+    return f"{family}://{parts.username or ''}@{hosts}{parts.path}"
 
 
 # target -> pools that are open now; weak, so a dropped pool stops counting

@@ -608,23 +608,12 @@ class TestConnectArgs:
         # load_driver passes connect_args only when there are some
         load_driver("sqlite", "sqlite:///x.db", connect_timeout=1, socket_timeout=None)
 
-    @pytest.mark.xfail(
-        reason="engine side: Pool.__init__ (pool/_pool.py) must pass parsed.connect_args"
-        " to load_driver",
-        strict=True,
-    )
     async def test_pool_passes_connect_args_to_the_driver(self) -> None:
         with pytest.raises(pool.ConfigError):
             pool.Pool("sqlite:///x.db", connect_args={"nope": 1})
 
 
 class TestEngineSideGaps:
-    @pytest.mark.xfail(
-        reason="engine side: pool._registry.target_of() calls urlsplit().port, which raises"
-        " ValueError on libpq's host1:port1,host2:port2",
-        raises=ValueError,
-        strict=True,
-    )
     async def test_a_pool_accepts_a_host_list_with_ports(self) -> None:
         pool.Pool("postgresql://postgres@127.0.0.1:1,127.0.0.1:5432/test")
 
