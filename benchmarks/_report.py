@@ -671,8 +671,9 @@ def verdict(results: Results, found: Sequence[Target]) -> list[str]:
         else:
             cells = [_short(judged[c]) if c in judged else "-" for c in columns]
         rows.append([f"{wid} {goal}", *cells])
-    headers = ["Verdict", *({"default": "default rows", "lfl": "like-for-like rows"}[c]
-                            for c in columns)]
+    names = {"default": "default rows", "lfl": "like-for-like rows"}
+    # with no peer rows at all (this pool and the limit alone) there is one kind of verdict
+    headers = ["Verdict", *(names[c] for c in columns)] if styles else ["Verdict", "this run"]
     return _table(headers, rows, left=len(headers))
 
 
