@@ -2,9 +2,11 @@
 
 Run it as ``poolbench`` or ``python -m benchmarks``::
 
-    poolbench                                   # embedded SQLite, this pool only
+    poolbench                                   # SQLite: + aiosqlite, SQLAlchemy; < 1 min
+    poolbench --full                            # SQLite: every workload, this pool only
     poolbench --url postgresql://app@db/bench   # + asyncpg, psycopg_pool, SQLAlchemy
     poolbench --url mysql://root@db/bench       # + aiomysql
+    poolbench --like-for-like                   # only peers making this pool's round trips
     poolbench --quick --json out.json --plot out.png
 
 The method is HikariCP's: the same workloads run on every pool, in alternating

@@ -21,13 +21,20 @@ from pool._config import redact_url, secrets_of
 
 from ._peers import normalise_scheme, subjects_for
 from ._report import Results, plot, render, to_json
-from ._workloads import ALL_WORKLOADS, Plan, Progress, run, units
+from ._workloads import ALL_WORKLOADS, W1_TASKS, Plan, Progress, run, units
 
 __all__ = ["main"]
 
 DEFAULT_SIZE = 10
+# --full, and any run with --url: every workload, long enough for stable medians
 DEFAULT_ROUNDS, QUICK_ROUNDS = 3, 1
 DEFAULT_DURATION, QUICK_DURATION = 1.5, 0.25
+# the SQLite default (no --url, no --full): this pool beside aiosqlite and SQLAlchemy
+# on the workloads users compare, in under a minute on a 2-core machine. Two rounds
+# are the fewest that show a spread; 0.5 s per timed run keeps ~35 runs a round in budget.
+SQLITE_WORKLOADS = ("W1", "W2", "W3", "W4", "RW")
+SQLITE_W1_TASKS = (1, 100)
+SQLITE_ROUNDS, SQLITE_DURATION = 2, 0.5
 
 WORKLOAD_NOTES = {
     "W1": (
@@ -40,6 +47,10 @@ WORKLOAD_NOTES = {
         "FIFO ideal = (tasks - connections) / the measured completion rate."
     ),
     "W4": "W4: late = time from the acquire call to the error, minus the 0.2 s timeout.",
+    "RW": (
+        "RW: SQLite lets one writer into a database at a time; its readers do not wait "
+        "for it in WAL mode. The writes of every pool queue on that one lock."
+    ),
     "W5": (
         "W5: a loopback proxy started by the benchmark delays the start of each new "
         "connection by 150 ms, and counts the connections opened."
@@ -79,10 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poolbench",
         description=(
-            "Benchmark this connection pool beside its peers (asyncpg's pool, "
-            "psycopg_pool, SQLAlchemy's async engine, aiomysql's pool) and beside the "
-            "physical limit (raw connections, no pool), in one process. With no URL it "
-            "runs on a temporary SQLite file, this pool only."
+            "Benchmark this connection pool beside its peers and beside the physical "
+            "limit (raw connections, no pool), in one process. With no URL it runs on a "
+            "temporary SQLite file beside aiosqlite (a connection per task, and one shared "
+            "connection) and SQLAlchemy's async engine on aiosqlite, on W1-W4 and a "
+            "read/write mix, in under a minute; --full is the long run of every "
+            "workload (this pool and the limit). With --url it runs beside asyncpg's pool, "
+            "psycopg_pool and SQLAlchemy (PostgreSQL) or aiomysql's pool (MySQL). Peers "
+            "appear twice: with their defaults, and like-for-like ([lfl]: the same round "
+            "trips as this pool)."
         ),
     )
     parser.add_argument(
@@ -95,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workload", action="append", metavar="W",
-        help="workloads to run: W1..W6, comma-separated or repeated (default: all)",
+        help="workloads to run: W1..W6, RW, comma-separated or repeated (default: W1-W4 "
+        "and RW on the SQLite default; W1-W6 with --full or --url)",
     )
     parser.add_argument(
         "--duration", type=_seconds,
@@ -106,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rounds, pools in alternating order (default {DEFAULT_ROUNDS}; "
         f"{QUICK_ROUNDS} with --quick)",
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 s")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one short round")
+    parser.add_argument(
+        "--full", action="store_true",
+        help=f"the long run: every workload, {DEFAULT_ROUNDS} rounds of {DEFAULT_DURATION} s "
+        "(on SQLite: this pool and the limit only; about 2.5 minutes)",
+    )
+    parser.add_argument(
+        "--like-for-like", action="store_true",
+        help="only like-for-like peer rows (each peer set up to make this pool's round "
+        "trips); by default the report has both kinds",
+    )
     parser.add_argument("--json", metavar="FILE", help="write every raw figure to FILE")
     parser.add_argument(
         "--plot", metavar="FILE.png",
@@ -116,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _workloads(parser: argparse.ArgumentParser, given: list[str] | None) -> tuple[str, ...]:
+def _workloads(
+    parser: argparse.ArgumentParser, given: list[str] | None, default: tuple[str, ...]
+) -> tuple[str, ...]:
     if not given:
-        return ALL_WORKLOADS
+        return default
     chosen: set[str] = set()
     for item in given:
         for part in item.split(","):
@@ -174,20 +203,38 @@ def _version(package: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    workloads = _workloads(parser, args.workload)
     url = args.url or os.environ.get("DATABASE_URL") or ""
+    # the SQLite default: no server given and no --full
+    sqlite_default = not url and not args.full
+    every = tuple(w for w in ALL_WORKLOADS if w != "RW")
+    workloads = _workloads(parser, args.workload, SQLITE_WORKLOADS if sqlite_default else every)
     with tempfile.TemporaryDirectory(prefix="poolbench-") as tmp:
         if not url:
             url = "sqlite:///" + os.path.join(tmp, "bench.db")
-        return _bench(args, url, workloads)
+        given = list(sys.argv[1:] if argv is None else argv)
+        return _bench(args, url, workloads, sqlite_default=sqlite_default, argv=given)
 
 
-def _bench(args: argparse.Namespace, url: str, workloads: tuple[str, ...]) -> int:
+def _bench(
+    args: argparse.Namespace,
+    url: str,
+    workloads: tuple[str, ...],
+    *,
+    sqlite_default: bool,
+    argv: list[str],
+) -> int:
     shown = redact_url(url)
     secrets = secrets_of(url)
     quick = bool(args.quick)
-    rounds = args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
-    duration = args.duration or (QUICK_DURATION if quick else DEFAULT_DURATION)
+    long_rounds, long_duration = (
+        (SQLITE_ROUNDS, SQLITE_DURATION) if sqlite_default else (DEFAULT_ROUNDS, DEFAULT_DURATION)
+    )
+    rounds = args.rounds or (QUICK_ROUNDS if quick else long_rounds)
+    duration = args.duration or (QUICK_DURATION if quick else long_duration)
+    styles = frozenset({"lfl"}) if args.like_for_like else frozenset({"default", "lfl"})
+    # --full on SQLite is the long run as it was: this pool and the limit alone
+    peers = sqlite_default or normalise_scheme(url) != "sqlite"
+    suite = "sqlite-default" if sqlite_default else ("full" if args.full else "server")
     plan = Plan(
         url=url,
         size=args.size,
@@ -200,6 +247,10 @@ def _bench(args: argparse.Namespace, url: str, workloads: tuple[str, ...]) -> in
         w6_sizes=(10, 1_000, 10_000) if quick else (10, 1_000, 100_000),
         w6_cancel_sizes=(1_000, 10_000) if quick else (1_000, 100_000),
         w6_window=min(duration, 1.0),
+        w1_tasks=SQLITE_W1_TASKS if sqlite_default else W1_TASKS,
+        w1_extras=not sqlite_default,
+        styles=styles,
+        peers=peers,
     )
     if plan.scheme not in ("postgresql", "mysql", "sqlite"):
         print(f"poolbench: unsupported database URL {shown}", file=sys.stderr)
@@ -226,6 +277,10 @@ def _bench(args: argparse.Namespace, url: str, workloads: tuple[str, ...]) -> in
         rounds=plan.rounds,
         duration=plan.duration,
         quick=quick,
+        suite=suite,
+        like_for_like_only=bool(args.like_for_like),
+        # what produced this run, as typed (the password scrubbed)
+        command=" ".join(["poolbench", *(scrub(a) for a in argv)]),
         workloads=list(workloads),
         pool_version=_version("pool"),
         backend="asyncio",
@@ -238,12 +293,11 @@ def _bench(args: argparse.Namespace, url: str, workloads: tuple[str, ...]) -> in
         if wid in WORKLOAD_NOTES:
             results.note(WORKLOAD_NOTES[wid])
 
-    subjects, _ = subjects_for(url)
-    n_timeout = sum(1 for s in subjects if s.has_timeout)
+    subjects, _ = subjects_for(url, styles=plan.styles, peers=plan.peers)
     progress: Progress = Progress()
     if not args.no_progress:
         try:
-            progress = _Bar(units(plan, len(subjects), n_timeout))
+            progress = _Bar(units(plan, subjects))
         except ImportError:
             results.note("tqdm is not installed: no progress bar (pip install 'pool[bench]').")
 

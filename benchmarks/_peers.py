@@ -3,8 +3,15 @@
 An adapter opens a fresh pool of a given size, lends connections through the
 pool's own API (the object it returns from :meth:`Subject.acquire` is the
 library's own context manager, never a wrapper of ours), runs ``SELECT 1`` the
-way that library's users do, and closes. Peers run with their defaults: that
-is what their users get.
+way that library's users do, and closes.
+
+Each peer comes in up to two styles. *Default* rows run it with its defaults:
+that is what its users get (asyncpg's pool resets every connection on release,
+psycopg_pool and SQLAlchemy wrap each statement in a transaction). *Like-for-like*
+rows (a name ending in ``[lfl]``) configure it so that every pool makes the same
+round trips as this one: one per statement, no reset, no BEGIN/COMMIT. This
+pool is both (its defaults send nothing on release); ``pool[reset]`` is this
+pool with ``reset_session=True``, where the build has it.
 
 The peer libraries are imported only when their adapter opens, so the tool
 runs on a fresh install with none of them; :func:`subjects_for` lists the
@@ -35,14 +42,29 @@ __all__ = [
     "PEERS",
     "Limit",
     "Ours",
+    "OursReset",
+    "READ_SQL",
+    "RW_ROWS",
     "Subject",
+    "WRITE_SQL",
     "normalise_scheme",
+    "sqlite_path",
     "subjects_for",
+    "supports_reset_session",
     "stub_subjects",
 ]
 
 Role = Literal["ours", "limit", "peer"]
+#: "default": the library's defaults; "lfl": like-for-like; "both": this pool and the limit
+Style = Literal["default", "lfl", "both"]
 Query = Callable[[Any], Awaitable[None]]
+
+#: the read/write mix (RW): a table of RW_ROWS rows, read and updated by id
+RW_ROWS = 1000
+READ_SQL = "SELECT v FROM bench_rw WHERE id = ?"
+WRITE_SQL = "UPDATE bench_rw SET v = v + 1 WHERE id = ?"
+#: every workload; a subject runs those in its ``applies``
+ALL = frozenset({"W1", "W2", "W3", "W4", "W5", "RW"})
 
 _SCHEME_ALIASES = {"postgres": "postgresql", "mariadb": "mysql"}
 
@@ -102,6 +124,9 @@ class Subject(abc.ABC):
     note: ClassVar[str] = ""
     #: False when it has no notion of an acquire timeout (the raw connections)
     has_timeout: ClassVar[bool] = True
+    style: ClassVar[Style] = "default"
+    #: the workloads it takes part in (W6 is this pool's alone, on the stub driver)
+    applies: ClassVar[frozenset[str]] = ALL - {"RW"}
 
     def __init__(self, url: str) -> None:
         self.url = url  # holds the password: never print it
@@ -139,6 +164,19 @@ class Subject(abc.ABC):
     async def close(self) -> None:
         """Close the pool and every connection it holds."""
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why this subject cannot run in this build, or None when it can."""
+        return None
+
+    async def read(self, conn: Any, row: int) -> None:
+        """RW: read row ``row`` of ``bench_rw`` (SQLite subjects only)."""
+        raise NotImplementedError(f"{self.name} has no read/write mix")
+
+    async def write(self, conn: Any, row: int) -> None:
+        """RW: update row ``row`` of ``bench_rw``, committed when this returns."""
+        raise NotImplementedError(f"{self.name} has no read/write mix")
+
     def queue_of(self, key: int) -> int:
         """Which FIFO queue the task ``key`` joins (one per pool; one per connection for raw)."""
         return 0
@@ -157,10 +195,14 @@ class Ours(Subject):
     name = "pool"
     role = "ours"
     package = "pool"
+    style: ClassVar[Style] = "both"
+    applies = ALL
     note = (
         "pool: this engine with its defaults; a release sends nothing to the server "
-        "unless the connection is dirty."
+        "unless the connection is dirty (so it is a default and a like-for-like row)."
     )
+    #: keyword overrides every pool of this subject gets
+    extra: ClassVar[dict[str, object]] = {}
 
     def __init__(self, url: str, *, driver: Driver[Any] | None = None) -> None:
         super().__init__(url)
@@ -171,7 +213,7 @@ class Ours(Subject):
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
     ) -> None:
-        overrides: dict[str, object] = {"connection_limit": size}
+        overrides: dict[str, object] = {"connection_limit": size, **self.extra}
         if acquire_timeout is not None:
             overrides["pool_timeout"] = acquire_timeout
         db: pool.Pool[Any] = pool.Pool(self.url, driver=self._driver, **overrides)
@@ -203,6 +245,37 @@ class Ours(Subject):
 
     def stats(self) -> dict[str, Any] | None:
         return dataclasses.asdict(self._db.stats()) if self._db is not None else None
+
+    async def read(self, conn: Any, row: int) -> None:
+        await conn.fetchval(READ_SQL, row)
+
+    async def write(self, conn: Any, row: int) -> None:
+        # the driver's connections are in autocommit mode: one statement, committed
+        await conn.execute(WRITE_SQL, row)
+
+
+def supports_reset_session() -> bool:
+    """True when this build's PoolConfig has a ``reset_session`` setting."""
+    return "reset_session" in {f.name for f in dataclasses.fields(pool.PoolConfig)}
+
+
+class OursReset(Ours):
+    """This engine with ``reset_session=True``: it resets each connection on release.
+
+    The setting is another change's; the subject runs only where the build has it.
+    """
+
+    name = "pool[reset]"
+    style: ClassVar[Style] = "lfl"
+    note = (
+        "pool[reset]: this engine with reset_session=True (a reset on every release, "
+        "like asyncpg's default pool)."
+    )
+    extra: ClassVar[dict[str, object]] = {"reset_session": True}
+
+    @property
+    def unavailable(self) -> str | None:
+        return None if supports_reset_session() else "n/a (not supported by this build)"
 
 
 # ---------------------------------------------------------------------- the physical limit
@@ -247,6 +320,8 @@ class Limit(Subject):
 
     name = "limit"
     role = "limit"
+    style: ClassVar[Style] = "both"
+    applies = ALL - {"W4"}
     has_timeout = False
 
     def __init__(self, url: str, *, driver: Driver[Any] | None = None) -> None:
@@ -287,6 +362,12 @@ class Limit(Subject):
     def queue_of(self, key: int) -> int:
         return key % len(self._slots)
 
+    async def read(self, conn: Any, row: int) -> None:
+        await conn.fetchval(READ_SQL, row)
+
+    async def write(self, conn: Any, row: int) -> None:
+        await conn.execute(WRITE_SQL, row)
+
     async def close(self) -> None:
         slots, self._slots = self._slots, []
         for slot in slots:
@@ -305,6 +386,32 @@ def _netloc_and_db(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
+class _NoResetConnection:
+    """Built lazily: an ``asyncpg.Connection`` whose release sends no reset query.
+
+    ``create_pool(reset=None)`` is asyncpg's *default* (``Connection.reset()``,
+    which sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL``), not "no reset": asyncpg 0.32's pool calls ``con.reset()``
+    when its ``reset`` is None. Since 0.30 the query comes from
+    ``Connection.get_reset_query()``, which a subclass may override; an empty
+    one makes the release send nothing unless a transaction was left open.
+    """
+
+    made: ClassVar[type[Any] | None] = None
+
+    @classmethod
+    def get(cls) -> type[Any]:
+        if cls.made is None:
+            import asyncpg
+
+            class NoReset(asyncpg.Connection):  # type: ignore[misc]
+                def get_reset_query(self) -> str:
+                    return ""
+
+            cls.made = NoReset
+        return cls.made
+
+
 class Asyncpg(Subject):
     name = "asyncpg"
     package = "asyncpg"
@@ -314,6 +421,8 @@ class Asyncpg(Subject):
         "asyncpg: asyncpg.create_pool() with its defaults; its release sends a reset "
         "batch to the server (one round trip per release)."
     )
+    #: like-for-like: no reset query on release
+    no_reset: ClassVar[bool] = False
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -326,8 +435,11 @@ class Asyncpg(Subject):
     ) -> None:
         import asyncpg
 
+        extra: dict[str, Any] = {}
+        if self.no_reset:
+            extra["connection_class"] = _NoResetConnection.get()
         self._pool = await asyncpg.create_pool(
-            self._dsn, min_size=size if warm else 0, max_size=size
+            self._dsn, min_size=size if warm else 0, max_size=size, **extra
         )
 
     def acquire(self, key: int) -> AbstractAsyncContextManager[Any]:
@@ -347,6 +459,16 @@ class Asyncpg(Subject):
             await p.close()
 
 
+class AsyncpgNoReset(Asyncpg):
+    name = "asyncpg[lfl]"
+    style = "lfl"
+    no_reset = True
+    note = (
+        "asyncpg[lfl]: create_pool(connection_class=a Connection whose get_reset_query() "
+        "is empty): its release sends nothing (reset=None would keep the default reset)."
+    )
+
+
 class PsycopgPool(Subject):
     name = "psycopg_pool"
     package = "psycopg-pool"
@@ -356,6 +478,7 @@ class PsycopgPool(Subject):
         "psycopg_pool: AsyncConnectionPool of psycopg's AsyncConnection, defaults "
         "(autocommit off): each SELECT 1 runs inside BEGIN ... COMMIT."
     )
+    autocommit: ClassVar[bool] = False
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -365,15 +488,18 @@ class PsycopgPool(Subject):
 
     @property
     def label(self) -> str:
-        return f"psycopg_pool {_version('psycopg-pool')} (psycopg {_version('psycopg')})"
+        return f"{self.name} {_version('psycopg-pool')} (psycopg {_version('psycopg')})"
 
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
     ) -> None:
         from psycopg_pool import AsyncConnectionPool
 
+        extra: dict[str, Any] = {}
+        if self.autocommit:
+            extra["kwargs"] = {"autocommit": True}
         self._pool = AsyncConnectionPool(
-            self._dsn, min_size=size if warm else 0, max_size=size, open=False
+            self._dsn, min_size=size if warm else 0, max_size=size, open=False, **extra
         )
         await self._pool.open(wait=warm)
 
@@ -395,6 +521,16 @@ class PsycopgPool(Subject):
             await p.close()
 
 
+class PsycopgPoolAutocommit(PsycopgPool):
+    name = "psycopg_pool[lfl]"
+    style = "lfl"
+    autocommit = True
+    note = (
+        "psycopg_pool[lfl]: its connections in autocommit mode (kwargs={'autocommit': "
+        "True}): SELECT 1 alone, no BEGIN/COMMIT."
+    )
+
+
 class SQLAlchemy(Subject):
     name = "sqlalchemy"
     package = "SQLAlchemy"
@@ -405,17 +541,25 @@ class SQLAlchemy(Subject):
         "max_overflow=0, other defaults: each SELECT 1 runs inside BEGIN ... ROLLBACK "
         "(autobegin, then reset on return)."
     )
+    #: like-for-like: AUTOCOMMIT and no rollback on return
+    autocommit: ClassVar[bool] = False
+    dialect: ClassVar[str] = "asyncpg"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        netloc, db = _netloc_and_db(url)
-        self._dsn = f"postgresql+asyncpg://{netloc}/{db}"
+        self._dsn = self.dsn_of(url)
         self._engine: Any = None
         self._select1: Any = None
+        self._read: Any = None
+        self._write: Any = None
+
+    def dsn_of(self, url: str) -> str:
+        netloc, db = _netloc_and_db(url)
+        return f"postgresql+asyncpg://{netloc}/{db}"
 
     @property
     def label(self) -> str:
-        return f"sqlalchemy {_version('SQLAlchemy')} (asyncpg dialect)"
+        return f"{self.name} {_version('SQLAlchemy')} ({self.dialect} dialect)"
 
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
@@ -426,8 +570,15 @@ class SQLAlchemy(Subject):
         extra: dict[str, Any] = {}
         if acquire_timeout is not None:
             extra["pool_timeout"] = acquire_timeout
+        if self.autocommit:
+            # AUTOCOMMIT alone still lets the pool call the DBAPI rollback() on
+            # return, a round trip on aiosqlite: turn that off too.
+            extra["isolation_level"] = "AUTOCOMMIT"
+            extra["pool_reset_on_return"] = None
         self._engine = create_async_engine(self._dsn, pool_size=size, max_overflow=0, **extra)
         self._select1 = text("SELECT 1")
+        self._read = text(READ_SQL.replace("?", ":id"))
+        self._write = text(WRITE_SQL.replace("?", ":id"))
         if warm:
             async with contextlib.AsyncExitStack() as stack:
                 for _ in range(size):
@@ -441,10 +592,191 @@ class SQLAlchemy(Subject):
         result = await conn.execute(self._select1)
         result.scalar()
 
+    async def read(self, conn: Any, row: int) -> None:
+        result = await conn.execute(self._read, {"id": row})
+        result.scalar()
+
+    async def write(self, conn: Any, row: int) -> None:
+        await conn.execute(self._write, {"id": row})
+        if not self.autocommit:
+            await conn.commit()  # SQLAlchemy 2.0 style: autobegin, then commit
+
     async def close(self) -> None:
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
+
+
+class SQLAlchemyAutocommit(SQLAlchemy):
+    name = "sqlalchemy[lfl]"
+    style = "lfl"
+    autocommit = True
+    note = (
+        "sqlalchemy[lfl]: the same engine with isolation_level='AUTOCOMMIT' and "
+        "pool_reset_on_return=None: the statement alone, nothing on return."
+    )
+
+
+# ---------------------------------------------------------------------- SQLite peers
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:///path`` URL; None for the in-memory database."""
+    path = url.split("://", 1)[1].split("?", 1)[0]
+    path = unquote(path[1:] if path.startswith("/") else path)
+    return None if path in ("", ":memory:") else path
+
+
+class _Shared:
+    """``async with`` that lends the one shared connection (no pool, no lock)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def __aenter__(self) -> Any:
+        return self.conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+class _AiosqliteBase(Subject):
+    package = "aiosqlite"
+    modules = ("aiosqlite",)
+    schemes = frozenset({"sqlite"})
+    has_timeout = False
+    #: like-for-like: isolation_level=None (no implicit BEGIN, so no commit() to
+    #: send) and execute_fetchall (one trip to the connection's thread per read)
+    autocommit: ClassVar[bool] = False
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._path = sqlite_path(url) or ""
+
+    def _connect(self) -> Any:
+        import aiosqlite
+
+        if self.autocommit:
+            return aiosqlite.connect(self._path, isolation_level=None)
+        return aiosqlite.connect(self._path)
+
+    async def _fetch(self, conn: Any, sql: str, params: tuple[Any, ...]) -> None:
+        if self.autocommit:
+            await conn.execute_fetchall(sql, params)
+        else:
+            # what aiosqlite's README shows: a cursor as a context manager
+            async with conn.execute(sql, params) as cur:
+                await cur.fetchone()
+
+    async def query(self, conn: Any) -> None:
+        await self._fetch(conn, "SELECT 1", ())
+
+    async def read(self, conn: Any, row: int) -> None:
+        await self._fetch(conn, READ_SQL, (row,))
+
+    async def write(self, conn: Any, row: int) -> None:
+        await conn.execute(WRITE_SQL, (row,))
+        if not self.autocommit:
+            await conn.commit()  # sqlite3's default opened a transaction for the UPDATE
+
+
+class AiosqlitePerTask(_AiosqliteBase):
+    """No pool: each unit of work opens its own aiosqlite connection and closes it."""
+
+    name = "aiosqlite/task"
+    # W3 and W4 ask how a pool grants its connections; here nothing is granted
+    applies = frozenset({"W1", "W2", "RW"})
+    note = (
+        "aiosqlite/task: no pool; each unit of work (a W1 cycle, a query) runs in "
+        "`async with aiosqlite.connect(path) as db:`, a new connection and thread each time."
+    )
+
+    async def open(
+        self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
+    ) -> None:
+        return None
+
+    def acquire(self, key: int) -> AbstractAsyncContextManager[Any]:
+        cm: AbstractAsyncContextManager[Any] = self._connect()
+        return cm
+
+    async def close(self) -> None:
+        return None
+
+
+class AiosqlitePerTaskAutocommit(AiosqlitePerTask):
+    name = "aiosqlite/task[lfl]"
+    style = "lfl"
+    autocommit = True
+    applies = frozenset({"W2", "RW"})  # W1 runs no statement: the same as aiosqlite/task
+    note = (
+        "aiosqlite/*[lfl]: isolation_level=None (no implicit BEGIN, no commit()) and "
+        "execute_fetchall: one trip to the connection's thread per statement."
+    )
+
+
+class AiosqliteShared(_AiosqliteBase):
+    """No pool: one aiosqlite connection that every task uses at once.
+
+    aiosqlite runs a connection's calls one at a time on its own thread, in
+    the order they were made, so the tasks queue there instead of in a pool.
+    """
+
+    name = "aiosqlite/shared"
+    # no acquire at all: W1 (getting a connection), W3 and W4 do not apply
+    applies = frozenset({"W2", "RW"})
+    note = (
+        "aiosqlite/shared: no pool; one aiosqlite connection opened at the start, "
+        "used by every task at once (its thread runs the calls in order)."
+    )
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._conn: Any = None
+
+    async def open(
+        self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
+    ) -> None:
+        self._conn = await self._connect()
+
+    def acquire(self, key: int) -> AbstractAsyncContextManager[Any]:
+        return _Shared(self._conn)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+
+class AiosqliteSharedAutocommit(AiosqliteShared):
+    name = "aiosqlite/shared[lfl]"
+    style = "lfl"
+    autocommit = True
+    note = ""  # said once, by aiosqlite/task[lfl]
+
+
+class SQLAlchemySqlite(SQLAlchemy):
+    modules = ("sqlalchemy", "aiosqlite", "greenlet")
+    schemes = frozenset({"sqlite"})
+    dialect = "aiosqlite"
+    applies = ALL
+    note = (
+        "sqlalchemy (SQLite): create_async_engine('sqlite+aiosqlite:///...') with its pool "
+        "(AsyncAdaptedQueuePool), pool_size=N, max_overflow=0, other defaults: a "
+        "rollback() on every return, and a commit() after each write."
+    )
+
+    def dsn_of(self, url: str) -> str:
+        return f"sqlite+aiosqlite:///{sqlite_path(url)}"
+
+
+class SQLAlchemySqliteAutocommit(SQLAlchemySqlite):
+    name = "sqlalchemy[lfl]"
+    style = "lfl"
+    autocommit = True
+    note = SQLAlchemyAutocommit.note
 
 
 class _WaitFor:
@@ -474,10 +806,13 @@ class Aiomysql(Subject):
         "timeout, so W4 bounds its acquire with asyncio.wait_for."
     )
 
+    autocommit: ClassVar[bool] = False
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         parts = urlsplit(url)
         self._kwargs: dict[str, Any] = {
+            "autocommit": self.autocommit,
             "host": parts.hostname or "localhost",
             "port": parts.port or 3306,
             "user": unquote(parts.username or ""),
@@ -512,7 +847,19 @@ class Aiomysql(Subject):
             await p.wait_closed()
 
 
-PEERS: tuple[type[Subject], ...] = (Asyncpg, PsycopgPool, SQLAlchemy, Aiomysql)
+class AiomysqlAutocommit(Aiomysql):
+    name = "aiomysql[lfl]"
+    style = "lfl"
+    autocommit = True
+    note = "aiomysql[lfl]: create_pool(autocommit=True), as this pool's connections run."
+
+
+PEERS: tuple[type[Subject], ...] = (
+    Asyncpg, AsyncpgNoReset, PsycopgPool, PsycopgPoolAutocommit, SQLAlchemy,
+    SQLAlchemyAutocommit, Aiomysql, AiomysqlAutocommit, AiosqlitePerTask,
+    AiosqlitePerTaskAutocommit, AiosqliteShared, AiosqliteSharedAutocommit, SQLAlchemySqlite,
+    SQLAlchemySqliteAutocommit,
+)
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
@@ -527,22 +874,34 @@ def _missing(modules: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def subjects_for(url: str) -> tuple[list[Subject], dict[str, str]]:
+def subjects_for(
+    url: str, *, styles: frozenset[str] = frozenset({"default", "lfl"}), peers: bool = True
+) -> tuple[list[Subject], dict[str, str]]:
     """This pool, the raw-connection limit and every peer for ``url``'s database.
 
-    Returns the subjects and, for each peer left out, why.
+    ``styles`` picks the peer rows ("default", "lfl"); ``peers=False`` keeps
+    this pool and the limit alone. Returns the subjects and, for each peer
+    left out, why. A subject whose ``unavailable`` is set is returned too: the
+    runner shows it as a row that says why, and does not run it.
     """
     scheme = normalise_scheme(url)
     subjects: list[Subject] = [Ours(url), Limit(url)]
+    if "lfl" in styles:
+        subjects.insert(1, OursReset(url))
     skipped: dict[str, str] = {}
+    if not peers:
+        return [s for s in subjects if not isinstance(s, OursReset)], skipped
     for peer in PEERS:
-        if scheme not in peer.schemes:
+        if scheme not in peer.schemes or peer.style not in styles:
             continue
         missing = _missing(peer.modules)
         if missing:
             skipped[peer.name] = (
                 f"not installed ({', '.join(missing)}): pip install 'pool[bench]'"
             )
+            continue
+        if scheme == "sqlite" and sqlite_path(url) is None:
+            skipped[peer.name] = "an in-memory database is the pool's own: use a file URL"
             continue
         subjects.append(peer(url))
     return subjects, skipped

@@ -27,7 +27,18 @@ TITLES = {
     "W4": "timeout precision: pool of 2, both held, a third acquire with a 0.2 s timeout",
     "W5": "spike: 50 requests at once on an empty pool, +150 ms to open each connection",
     "W6": "scaling (this pool, stub driver): queued waiters and cancellation",
+    "RW": "read/write mix on SQLite, {w2_tasks} tasks on {size} connections",
 }
+
+#: what the two kinds of rows mean, for the report and the JSON
+STYLES = {
+    "default": "each peer with its defaults, as its users get it",
+    "lfl": (
+        "like-for-like: each peer set up to make the same round trips as this pool "
+        "(one per statement; no reset, no BEGIN/COMMIT): names ending in [lfl]"
+    ),
+}
+NA = "n/a (not supported by this build)"
 
 
 def _finite(x: float) -> bool:
@@ -51,8 +62,10 @@ class Results:
     """Everything measured, as raw per-round figures."""
 
     meta: dict[str, Any] = field(default_factory=dict)
-    #: name -> {"role", "label", "note"}, in the order the pools are shown
-    pools: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: name -> {"role", "label", "note", "style", "applies"}, in the order the pools are shown
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: pools listed but not run in this build, and why (shown as rows saying so)
+    unavailable: dict[str, str] = field(default_factory=dict)
     #: peers left out, and why
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -70,8 +83,13 @@ class Results:
     #: strings to scrub from anything printed (the URL's password)
     secrets: tuple[str, ...] = ()
 
-    def add_pool(self, name: str, role: str, label: str, note: str) -> None:
-        self.pools.setdefault(name, {"role": role, "label": label, "note": note})
+    def add_pool(
+        self, name: str, role: str, label: str, note: str, *, style: str = "default",
+        applies: Sequence[str] = (),
+    ) -> None:
+        self.pools.setdefault(name, {
+            "role": role, "label": label, "note": note, "style": style, "applies": list(applies),
+        })
 
     def add(self, wid: str, case: str, pool: str, metrics: dict[str, float]) -> None:
         slot = self.figures.setdefault(wid, {}).setdefault(case, {}).setdefault(pool, {})
@@ -114,8 +132,25 @@ class Results:
         ordered = [name for name in self.pools if name in present]
         return ordered + [name for name in present if name not in ordered]
 
-    def peers(self) -> list[str]:
-        return [name for name, info in self.pools.items() if info["role"] == "peer"]
+    def peers(self, style: str | None = None) -> list[str]:
+        """The peers' names; with ``style``, only that kind of row."""
+        return [
+            name for name, info in self.pools.items()
+            if info["role"] == "peer" and (style is None or info.get("style") == style)
+        ]
+
+    def styles(self) -> list[str]:
+        """The kinds of peer rows this run has, default first."""
+        present = {info.get("style") for info in self.pools.values() if info["role"] == "peer"}
+        return [s for s in ("default", "lfl") if s in present]
+
+    def na_rows(self, wid: str, width: int, *, lead: int = 0) -> list[list[str]]:
+        """A row per unavailable pool that would run ``wid``: its name and why."""
+        return [
+            [""] * lead + [name, why] + [""] * (width - lead - 2)
+            for name, why in self.unavailable.items()
+            if wid in self.pools.get(name, {}).get("applies", [])
+        ]
 
 
 # ---------------------------------------------------------------------- formatting
@@ -218,6 +253,7 @@ def _rate_section(results: Results, wid: str, metric: str, case_title: str) -> l
                 fmt_ratio(_ratio(m, ours)),
                 fmt_ratio(_ratio(m, limit)),
             ])
+    rows += results.na_rows(wid, 5, lead=1)
     return _table([case_title, "pool", "cycles/s", "vs pool", "vs limit"], rows, left=2)
 
 
@@ -236,6 +272,7 @@ def _w2_section(results: Results) -> list[str]:
             fmt_times(results.values("W2", "", name, "wait_p99")),
             fmt_times(results.values("W2", "", name, "wait_max")),
         ])
+    rows += results.na_rows("W2", 7)
     headers = ["pool", "queries/s", "vs pool", "vs limit", "wait p50", "wait p99", "wait max"]
     return _table(headers, rows)
 
@@ -261,6 +298,7 @@ def _w3_section(results: Results) -> list[str]:
         "pool", "out-of-FIFO grants", "completions max/min", "wait p99", "FIFO ideal",
         "p99/ideal", "p99 vs limit", "cycles/s",
     ]
+    rows += results.na_rows("W3", 8)
     return _table(headers, rows)
 
 
@@ -278,6 +316,7 @@ def _w4_section(results: Results) -> list[str]:
                      signed=True),
             str(len(kinds)),
         ])
+    rows += results.na_rows("W4", 5)
     return _table(["pool", "error raised", "late (median)", "late (worst)", "attempts"], rows)
 
 
@@ -337,6 +376,34 @@ def _w6_section(results: Results) -> list[str]:
     return lines
 
 
+def _rw_section(results: Results) -> list[str]:
+    from ._workloads import ONE_WRITER
+
+    rows = []
+    ceiling = results.med("RW", "", ONE_WRITER, "writes_per_s")
+    ours = results.med("RW", "", "pool", "ops_per_s")
+    for name in results.pools_in("RW", ""):
+        ops = results.values("RW", "", name, "ops_per_s")
+        w = results.values("RW", "", name, "writes_per_s")
+        rows.append([
+            name,
+            fmt_rate(ops),
+            fmt_ratio(_ratio(median(ops), ours)) if name != ONE_WRITER else "",
+            fmt_rate(results.values("RW", "", name, "reads_per_s")),
+            fmt_rate(w),
+            fmt_ratio(_ratio(median(w), ceiling)),
+            fmt_times(results.values("RW", "", name, "read_p99")),
+            fmt_times(results.values("RW", "", name, "write_p99")),
+            fmt_count(results.values("RW", "", name, "errors")),
+        ])
+    rows += results.na_rows("RW", 9)
+    headers = [
+        "pool", "ops/s", "vs pool", "reads/s", "writes/s", f"vs {ONE_WRITER}",
+        "read p99", "write p99", "failed",
+    ]
+    return _table(headers, rows)
+
+
 # ---------------------------------------------------------------------- targets
 
 
@@ -347,15 +414,25 @@ class Target:
     #: True met, False missed, None not measurable in this run
     met: bool | None
     figure: str
+    #: which peer rows it was judged on: "default", "lfl", or "" (no peer in it)
+    style: str = ""
+    #: a figure shown for information: no target was set for it
+    info: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"workload": self.workload, "goal": self.goal, "met": self.met,
-                "figure": self.figure}
+                "figure": self.figure, "style": self.style, "info": self.info}
+
+    @property
+    def mark(self) -> str:
+        return "info" if self.info else {True: "met", False: "MISSED", None: "n/a"}[self.met]
 
 
-def _fastest(results: Results, wid: str, case: str, metric: str, *, low: bool) -> tuple[str, float]:
+def _fastest(
+    results: Results, wid: str, case: str, metric: str, *, low: bool, style: str | None = None
+) -> tuple[str, float]:
     best_name, best = "", math.nan
-    for name in results.peers():
+    for name in results.peers(style):
         m = results.med(wid, case, name, metric)
         if not _finite(m):
             continue
@@ -368,20 +445,29 @@ def targets(results: Results) -> list[Target]:
     out: list[Target] = []
     fig = results.figures
 
-    def check(wid: str, goal: str, ok: bool | None, figure: str) -> None:
-        out.append(Target(wid, goal, ok, figure))
+    def check(
+        wid: str, goal: str, ok: bool | None, figure: str, style: str = "", info: bool = False
+    ) -> None:
+        out.append(Target(wid, goal, None if info else ok, figure, style, info))
+
+    # the peer targets are judged once per kind of peer row (default, like-for-like)
+    styles: list[str | None] = list(results.styles()) or [None]
+
+    def suffix(style: str | None) -> str:
+        return {"default": " (default rows)", "lfl": " (like-for-like rows)"}.get(style or "", "")
 
     w1_cases = [("W1", "C=1"), ("W1", "C=100"), ("W1-bare", "C=1")]
     for wid, case in w1_cases:
-        if wid not in fig:
+        if case not in fig.get(wid, {}):
             continue
         ours = results.med(wid, case, "pool", "cycles_per_s")
-        peer, best = _fastest(results, wid, case, "cycles_per_s", low=False)
-        r = _ratio(ours, best)
-        check(wid, f"{case}: >= 5x the fastest peer's cycles/s",
-              r >= 5 if _finite(r) else None,
-              f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s)"
-              if peer else "no peer ran")
+        for style in styles:
+            peer, best = _fastest(results, wid, case, "cycles_per_s", low=False, style=style)
+            r = _ratio(ours, best)
+            check(wid, f"{case}: >= 5x the fastest peer's cycles/s{suffix(style)}",
+                  r >= 5 if _finite(r) else None,
+                  f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s)"
+                  if peer else "no peer ran", style or "")
         limit = results.med(wid, case, "limit", "cycles_per_s")
         r = _ratio(ours, limit)
         check(wid, f"{case}: >= 0.5x the raw-connection limit's cycles/s",
@@ -393,10 +479,13 @@ def targets(results: Results) -> list[Target]:
         r = _ratio(ours, limit)
         check("W2", ">= 95% of the raw-connection limit's queries/s",
               r >= 0.95 if _finite(r) else None, f"{r * 100:.1f}%" if _finite(r) else "-")
-        peer, best = _fastest(results, "W2", "", "queries_per_s", low=False)
-        r = _ratio(ours, best)
-        check("W2", "ahead of every peer in queries/s", r > 1 if _finite(r) else None,
-              f"{fmt_ratio(r)} the fastest peer, {peer}" if peer else "no peer ran")
+        for style in styles:
+            peer, best = _fastest(results, "W2", "", "queries_per_s", low=False, style=style)
+            r = _ratio(ours, best)
+            check("W2", f"ahead of every peer in queries/s{suffix(style)}",
+                  r > 1 if _finite(r) else None,
+                  f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s)"
+                  if peer else "no peer ran", style or "")
     if "W3" in fig:
         ooo = results.values("W3", "", "pool", "out_of_order")
         grants = sum(results.values("W3", "", "pool", "grants"))
@@ -418,8 +507,8 @@ def targets(results: Results) -> list[Target]:
               and _finite(worst) and 0 <= worst <= 0.020)
         check("W4", "PoolTimeoutError, no later than 20 ms after the timeout",
               ok if kinds else None,
-              f"{', '.join(sorted({str(k) for k in kinds})) or '-'}; "
-              f"worst {fmt_time(worst, signed=True)}")
+              f"worst {fmt_time(worst, signed=True)}; "
+              f"{', '.join(sorted({str(k) for k in kinds})) or '-'}")
     if "W5" in fig:
         ours = results.med("W5", "", "pool", "seconds")
         peer, best = _fastest(results, "W5", "", "seconds", low=True)
@@ -437,6 +526,23 @@ def targets(results: Results) -> list[Target]:
         check("W5", "no more connections opened than the fastest peer",
               opened <= peer_opened if peer and _finite(opened) else None,
               f"{opened:.0f} vs {peer_opened:.0f} ({peer})" if peer else "no peer ran")
+    if "RW" in fig:
+        from ._workloads import ONE_WRITER
+
+        ours = results.med("RW", "", "pool", "ops_per_s")
+        for style in styles:
+            peer, best = _fastest(results, "RW", "", "ops_per_s", low=False, style=style)
+            r = _ratio(ours, best)
+            check("RW", f"reads+writes/s vs the fastest peer{suffix(style)}", None,
+                  f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s)"
+                  if peer else "no peer ran", style or "", info=True)
+        w = results.med("RW", "", "pool", "writes_per_s")
+        ceiling = results.med("RW", "", ONE_WRITER, "writes_per_s")
+        r = _ratio(w, ceiling)
+        failed = sum(results.values("RW", "", "pool", "errors"))
+        check("RW", f"this pool's writes/s vs one writer alone ({ONE_WRITER!r})",
+              None, f"{fmt_ratio(r)} ({_sig(w)}/s vs {_sig(ceiling)}/s); {failed:.0f} failed",
+              info=True)
     if "W6" in fig:
         cases = results.figures["W6"]
         handoff = [c for c in cases if c.endswith("waiters")]
@@ -478,6 +584,8 @@ def render(results: Results) -> str:
     ]
     for name, why in results.skipped.items():
         lines.append(f"  skipped   {name}: {why}")
+    for name, why in results.unavailable.items():
+        lines.append(f"  not run   {name}: {why}")
     lines.append("")
     lines.append(
         "Each figure is the median over the rounds ± the largest distance of a round from it."
@@ -486,6 +594,10 @@ def render(results: Results) -> str:
         "'vs pool' and 'vs limit' divide a figure by this pool's and by the limit's "
         "(raw connections, no pool)."
     )
+    styles = results.styles()
+    if styles:
+        lines.append("Two kinds of peer rows; pool and limit count as both:")
+        lines += [f"  {style:<8}{STYLES[style]}" for style in styles]
 
     context = {"size": meta.get("size", "?"), "w2_tasks": meta.get("w2_tasks", "?")}
     sections: list[tuple[str, Callable[[], list[str]]]] = [
@@ -497,6 +609,7 @@ def render(results: Results) -> str:
         ("W4", lambda: _w4_section(results)),
         ("W5", lambda: _w5_section(results)),
         ("W6", lambda: _w6_section(results)),
+        ("RW", lambda: _rw_section(results)),
     ]
     for wid, build in sections:
         if wid not in results.figures:
@@ -516,8 +629,7 @@ def render(results: Results) -> str:
         lines.append("")
         lines.append("Targets")
         for t in found:
-            mark = {True: "met", False: "MISSED", None: "n/a"}[t.met]
-            lines.append(f"  {mark:<7}{t.workload:<8}{t.goal}: {t.figure}")
+            lines.append(f"  {t.mark:<7}{t.workload:<8}{t.goal}: {t.figure}")
 
     notes = [info["note"] for info in results.pools.values() if info.get("note")]
     notes += results.notes
@@ -529,7 +641,40 @@ def render(results: Results) -> str:
         lines.append("")
         lines.append("Errors (those measurements are left out)")
         lines += [f"  - {e}" for e in results.errors]
+    if found:
+        lines.append("")
+        lines += verdict(results, found)
     return results.scrub("\n".join(lines))
+
+
+def _short(t: Target) -> str:
+    """A target's verdict in a cell: the mark and the figure's headline."""
+    head = t.figure.split(" (")[0].split(";")[0]
+    return f"{t.mark} {head}" if len(head) <= 40 else f"{t.mark} {head[:39]}…"
+
+
+def verdict(results: Results, found: Sequence[Target]) -> list[str]:
+    """The short closing table: each target once, judged on each kind of peer row."""
+    styles = results.styles()
+    columns = styles or ["default"]
+    by_goal: dict[tuple[str, str], dict[str, Target]] = {}
+    for t in found:
+        goal = t.goal
+        for style in ("default", "lfl"):
+            goal = goal.removesuffix({"default": " (default rows)",
+                                      "lfl": " (like-for-like rows)"}[style])
+        by_goal.setdefault((t.workload, goal), {})[t.style] = t
+    rows = []
+    for (wid, goal), judged in by_goal.items():
+        if "" in judged:  # no peer in it: one verdict for every kind of row
+            cells = [_short(judged[""])] + ["(same: no peer in it)"] * (len(columns) - 1)
+        else:
+            cells = [_short(judged[c]) if c in judged else "-" for c in columns]
+        rows.append([f"{wid} {goal}", *cells])
+    names = {"default": "default rows", "lfl": "like-for-like rows"}
+    # with no peer rows at all (this pool and the limit alone) there is one kind of verdict
+    headers = ["Verdict", *(names[c] for c in columns)] if styles else ["Verdict", "this run"]
+    return _table(headers, rows, left=len(headers))
 
 
 def _stat(value: Any) -> str:

@@ -19,6 +19,7 @@ import heapq
 import itertools
 import math
 import random
+import sqlite3
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -28,17 +29,26 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import anyio.to_thread
 
 import pool
 
-from ._peers import Subject, normalise_scheme, stub_subjects, subjects_for
+from ._peers import (
+    RW_ROWS,
+    Limit,
+    Subject,
+    normalise_scheme,
+    sqlite_path,
+    stub_subjects,
+    subjects_for,
+)
 from ._proxy import delay_proxy
 from ._report import Results
 from ._stub import StubDriver
 
-__all__ = ["ALL_WORKLOADS", "Plan", "run", "units"]
+__all__ = ["ALL_WORKLOADS", "ONE_WRITER", "Plan", "run", "runnable", "units"]
 
-ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "RW")
 
 T = TypeVar("T")
 Metrics = dict[str, float]
@@ -48,6 +58,10 @@ W1_TASKS = (1, 10, 100, 1000)
 W3_TASKS, W3_SIZE, W3_HOLD = 200, 5, 0.001
 W4_SIZE, W4_TIMEOUT = 2, 0.2
 W5_REQUESTS, W5_DELAY = 50, 0.150
+#: RW: the share of the units of work that write
+RW_WRITE_SHARE = 0.2
+#: RW: the name of the single-writer ceiling's row
+ONE_WRITER = "1 writer"
 # how long any one measurement may take before it is abandoned (beyond its own length)
 GRACE = 60.0
 
@@ -66,6 +80,13 @@ class Plan:
     w6_sizes: tuple[int, ...]
     w6_cancel_sizes: tuple[int, ...]
     w6_window: float
+    #: W1's task counts, and whether W1 also runs on the stub driver and bare
+    w1_tasks: tuple[int, ...] = W1_TASKS
+    w1_extras: bool = True
+    #: which peer rows: "default" (their defaults) and/or "lfl" (like-for-like)
+    styles: frozenset[str] = frozenset({"default", "lfl"})
+    #: False: this pool and the limit alone
+    peers: bool = True
 
     @property
     def scheme(self) -> str:
@@ -521,20 +542,29 @@ async def _cancel(waiters: int, seed: int, baseline: bool) -> Metrics:
 # ---------------------------------------------------------------------- the runner
 
 
-def units(plan: Plan, n_subjects: int, n_timeout: int) -> int:
+def runnable(plan: Plan, subjects: Sequence[Subject], wid: str) -> list[Subject]:
+    """The subjects that run workload ``wid``: it applies to them and they are available."""
+    return [s for s in subjects if wid in s.applies and s.unavailable is None]
+
+
+def units(plan: Plan, subjects: Sequence[Subject]) -> int:
     """How many measurements :func:`run` makes (for the progress bar)."""
     per_round = 0
     for wid in plan.workloads:
+        n = len(runnable(plan, subjects, wid))
         if wid == "W1":
-            per_round += len(W1_TASKS) * (n_subjects + 2) + n_subjects
+            per_round += len(plan.w1_tasks) * (n + (2 if plan.w1_extras else 0))
+            per_round += n if plan.w1_extras else 0
         elif wid in ("W2", "W3"):
-            per_round += n_subjects
+            per_round += n
         elif wid == "W4":
-            per_round += n_timeout
+            per_round += sum(1 for s in runnable(plan, subjects, wid) if s.has_timeout)
         elif wid == "W5":
-            per_round += n_subjects if plan.scheme not in ("sqlite",) else 0
+            per_round += n if plan.scheme != "sqlite" else 0
         elif wid == "W6":
             per_round += 2 * (len(plan.w6_sizes) + len(plan.w6_cancel_sizes))
+        elif wid == "RW":
+            per_round += n + 1 if _rw_path(plan) is not None else 0
     return per_round * plan.rounds
 
 
@@ -560,23 +590,28 @@ class _Runner:
 
 async def run(plan: Plan, results: Results, progress: Progress) -> None:
     """Run ``plan``, filling ``results``."""
-    subjects, skipped = subjects_for(plan.url)
+    subjects, skipped = subjects_for(plan.url, styles=plan.styles, peers=plan.peers)
     results.skipped.update(skipped)
     for subject in subjects:
-        results.add_pool(subject.name, subject.role, subject.label, subject.note)
+        applies = [w for w in plan.workloads if w in subject.applies]
+        results.add_pool(subject.name, subject.role, subject.label, subject.note,
+                         style=subject.style, applies=applies)
+        if subject.unavailable is not None:
+            results.unavailable[subject.name] = subject.unavailable
     runner = _Runner(plan, results, progress)
-    steps = {"W1": _w1, "W2": _w2, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6}
+    steps = {"W1": _w1, "W2": _w2, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6, "RW": _rw}
     for wid in plan.workloads:
-        await steps[wid](runner, subjects)
+        await steps[wid](runner, runnable(plan, subjects, wid))
 
 
 async def _w1(runner: _Runner, subjects: list[Subject]) -> None:
     plan, results = runner.plan, runner.results
     stubs = stub_subjects()
+    groups = [("W1", subjects), ("W1-stub", stubs)] if plan.w1_extras else [("W1", subjects)]
     for r in range(plan.rounds):
-        for tasks in W1_TASKS:
+        for tasks in plan.w1_tasks:
             case = f"C={tasks}"
-            for wid, group in (("W1", subjects), ("W1-stub", stubs)):
+            for wid, group in groups:
                 for s in _order(group, r):
                     body = partial(
                         w1_cycles, s, size=plan.size, tasks=tasks, duration=plan.duration
@@ -585,7 +620,7 @@ async def _w1(runner: _Runner, subjects: list[Subject]) -> None:
                     if m is not None:
                         results.add(wid, case, s.name, m)
         # The literal cycle, with nothing in between, one task: the fast path alone.
-        for s in _order(subjects, r):
+        for s in _order(subjects if plan.w1_extras else [], r):
             body = partial(
                 w1_cycles, s, size=plan.size, tasks=1, duration=plan.duration, hold=False
             )
@@ -652,6 +687,7 @@ async def _w5(runner: _Runner, subjects: list[Subject]) -> None:
     async with delay_proxy(parts.hostname, port, delay=W5_DELAY) as proxy:
         proxied = _via(plan.url, proxy.host, proxy.port)
         classes = {s.name: type(s) for s in subjects}
+        factories: dict[str, Callable[[str], Subject]] = dict(classes)
 
         def opened() -> int:
             return proxy.accepted
@@ -659,7 +695,7 @@ async def _w5(runner: _Runner, subjects: list[Subject]) -> None:
         for r in range(plan.rounds):
             for name in _order(list(classes), r):
                 body = partial(
-                    w5_spike, classes[name](proxied), size=plan.size, requests=W5_REQUESTS,
+                    w5_spike, factories[name](proxied), size=plan.size, requests=W5_REQUESTS,
                     opened=opened,
                 )
                 m = await runner.measure("W5", "", name, 10 * W5_DELAY * W5_REQUESTS, body)
@@ -684,3 +720,125 @@ async def _w6(runner: _Runner, subjects: list[Subject]) -> None:
                 m = await runner.measure("W6", case, name, 0.0, body)
                 if m is not None:
                     results.add("W6", case, name, m)
+
+
+# ---------------------------------------------------------------------- RW
+
+
+def _rw_path(plan: Plan) -> str | None:
+    """The database file RW runs on; None where it cannot run (a server, memory)."""
+    return sqlite_path(plan.url) if plan.scheme == "sqlite" else None
+
+
+def _rw_setup(path: str) -> None:
+    """Create and fill ``bench_rw`` once, in WAL mode as the pool's driver opens files."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=wal")
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_rw (id INTEGER PRIMARY KEY, v INTEGER)")
+        conn.execute("DELETE FROM bench_rw")
+        conn.executemany(
+            "INSERT INTO bench_rw (id, v) VALUES (?, 0)", [(i,) for i in range(1, RW_ROWS + 1)]
+        )
+    finally:
+        conn.close()
+
+
+async def rw_mix(
+    subject: Subject, *, size: int, tasks: int, duration: float, write_share: float, seed: int
+) -> tuple[Metrics, str | None]:
+    """``tasks`` tasks loop acquire -> read or update one row -> release.
+
+    A unit of work is an update with probability ``write_share`` (committed
+    when it returns), else a read of one row by id. SQLite lets one writer at
+    a time into a database (in WAL mode readers never wait for it), so more
+    connections raise reads/s but never writes/s past one writer's rate: the
+    row named :data:`ONE_WRITER` measures that rate. A unit of work that
+    fails (``database is locked`` after ``busy_timeout``) is counted, not
+    retried; the first such error is returned.
+    """
+    await subject.open(size)
+    try:
+        acquire, read, write = subject.acquire, subject.read, subject.write
+        clock = time.perf_counter
+        reads = writes = errors = 0
+        first_error: str | None = None
+        write_lat: list[float] = []
+        read_lat: list[float] = []
+        start = deadline = 0.0
+
+        def go() -> None:
+            nonlocal start, deadline
+            start = clock()
+            deadline = start + duration
+
+        async def worker(key: int) -> None:
+            nonlocal reads, writes, errors, first_error
+            rng = random.Random(seed * 100_003 + key)  # the same draws for every subject
+            while clock() < deadline:
+                row = rng.randrange(RW_ROWS) + 1
+                is_write = rng.random() < write_share
+                t0 = clock()
+                try:
+                    async with acquire(key) as conn:
+                        await (write if is_write else read)(conn, row)
+                except Exception as exc:  # counted: a lock timeout is a result here
+                    errors += 1
+                    if first_error is None:
+                        first_error = f"{_error_name(exc)}: {exc}"
+                    continue
+                if is_write:
+                    writes += 1
+                    write_lat.append(clock() - t0)
+                else:
+                    reads += 1
+                    read_lat.append(clock() - t0)
+
+        await _run_all(tasks, worker, go)
+        elapsed = clock() - start
+        write_lat.sort()
+        read_lat.sort()
+        return {
+            "ops_per_s": (reads + writes) / elapsed,
+            "reads_per_s": reads / elapsed,
+            "writes_per_s": writes / elapsed,
+            "errors": float(errors),
+            "read_p99": _percentile(read_lat, 0.99),
+            "write_p99": _percentile(write_lat, 0.99),
+        }, first_error
+    finally:
+        await _close(subject)
+
+
+async def _rw(runner: _Runner, subjects: list[Subject]) -> None:
+    plan, results = runner.plan, runner.results
+    path = _rw_path(plan)
+    if path is None:
+        results.note("RW skipped: the read/write mix runs on a SQLite file (the default).")
+        return
+    await anyio.to_thread.run_sync(_rw_setup, path)
+    writer = Limit(plan.url)
+    results.add_pool(ONE_WRITER, "limit", "1 writer (one raw connection, one task, writes only)",
+                     "", style="both", applies=["RW"])
+    results.note(
+        f"RW: {plan.w2_tasks} tasks on {plan.size} connections, each unit of work an UPDATE "
+        f"of one row ({RW_WRITE_SHARE:.0%}) or a read of one by id; SQLite admits one "
+        f"writer at a time, so '{ONE_WRITER}' (one connection writing alone) is the ceiling "
+        "for writes/s, whatever the pool."
+    )
+    for r in range(plan.rounds):
+        runs: list[tuple[Subject, str, int, int, float]] = [
+            (s, s.name, plan.size, plan.w2_tasks, RW_WRITE_SHARE) for s in subjects
+        ]
+        runs.append((writer, ONE_WRITER, 1, 1, 1.0))
+        for s, name, size, tasks, share in _order(runs, r):
+            body = partial(
+                rw_mix, s, size=size, tasks=tasks, duration=plan.duration,
+                write_share=share, seed=r,
+            )
+            out = await runner.measure("RW", "", name, plan.duration, body)
+            if out is not None:
+                metrics, first_error = out
+                results.add("RW", "", name, metrics)
+                if first_error is not None:
+                    results.note(f"RW {name}: first failed unit of work: {first_error}"[:300])

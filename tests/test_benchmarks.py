@@ -24,7 +24,7 @@ from benchmarks._workloads import _FifoCheck
 from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER_MODULES = ("asyncpg", "psycopg", "psycopg_pool", "sqlalchemy", "aiomysql")
+PEER_MODULES = ("asyncpg", "psycopg", "psycopg_pool", "sqlalchemy", "aiomysql", "aiosqlite")
 # what a fresh install without the bench extra lacks
 BENCH_EXTRA = (*PEER_MODULES, "tqdm", "matplotlib")
 
@@ -104,7 +104,7 @@ class TestEmbeddedDefault:
     ) -> None:
         out = tmp_path / "bench.json"
         proc = poolbench(
-            "--quick", "--workload", "W1,W2", "--workload", "W4", "--duration", "0.1",
+            "--full", "--quick", "--workload", "W1,W2", "--workload", "W4", "--duration", "0.1",
             "--json", str(out), block=BENCH_EXTRA,
         )
         record_output(proc)
@@ -161,7 +161,7 @@ class TestEmbeddedDefault:
     def test_fairness_and_scaling(self, tmp_path: Path, record_output: Recorder) -> None:
         out = tmp_path / "bench.json"
         proc = poolbench(
-            "--quick", "--workload", "w3,w6,w5", "--duration", "0.1", "--no-progress",
+            "--full", "--quick", "--workload", "w3,w6,w5", "--duration", "0.1", "--no-progress",
             "--json", str(out),
         )
         record_output(proc)
@@ -185,6 +185,68 @@ class TestEmbeddedDefault:
             assert set(case) == {"pool", "asyncio"}
         assert w6["cancel 10000"]["pool"]["left_waiting"]["rounds"] == [0.0]
         assert {t["workload"] for t in doc["targets"]} == {"W3", "W6"}
+
+    def test_no_arguments_runs_beside_aiosqlite_and_sqlalchemy(
+        self, tmp_path: Path, record_output: Recorder
+    ) -> None:
+        """The no-argument run's structure, in one short round (its speed is not tested)."""
+        pytest.importorskip("aiosqlite")
+        pytest.importorskip("sqlalchemy")
+        out = tmp_path / "bench.json"
+        proc = poolbench("--quick", "--duration", "0.05", "--json", str(out), timeout=60)
+        record_output(proc)
+        assert proc.returncode == 0, proc.stderr
+        stdout = proc.stdout
+        assert "(SQLite " in stdout
+        default = {"pool", "limit", "aiosqlite/task", "aiosqlite/shared", "sqlalchemy"}
+        lfl = {"aiosqlite/task[lfl]", "aiosqlite/shared[lfl]", "sqlalchemy[lfl]"}
+        # W1 at C=1 and C=100 only; nothing on the stub driver or bare in this run
+        w1 = section(stdout, "W1")
+        assert [line.split()[0] for line in w1[3:] if re.match(r"  \d", line)] == ["1", "100"]
+        for wid in ("W1-stub", "W1-bare", "W5", "W6"):
+            assert not any(line.startswith(f"{wid}  ") for line in stdout.splitlines())
+        w2 = rows(section(stdout, "W2"))
+        assert set(w2) >= default | lfl
+        assert set(rows(section(stdout, "W3"))) >= {"pool", "limit", "sqlalchemy",
+                                                    "sqlalchemy[lfl]"}
+        assert set(rows(section(stdout, "W4"))) >= {"pool", "sqlalchemy", "sqlalchemy[lfl]"}
+        rw = rows(section(stdout, "RW"))
+        assert set(rw) >= default | lfl | {"1"}  # "1 writer": the single-writer ceiling
+        # pool[reset] is a row either way: measured, or saying this build lacks it
+        from benchmarks._peers import supports_reset_session
+
+        if supports_reset_session():
+            assert "pool[reset]" in w2 and "n/a" not in w2["pool[reset]"]
+        else:
+            assert "n/a (not supported by this build)" in w2["pool[reset]"]
+        # the closing verdict table, judged on both kinds of rows
+        lines = stdout.splitlines()
+        head = next(i for i, line in enumerate(lines) if line.startswith("  Verdict"))
+        assert "default rows" in lines[head] and "like-for-like rows" in lines[head]
+        end = next(i for i in range(head, len(lines)) if not lines[i].strip())
+        verdicts = lines[head + 2:end]
+        assert any(v.strip().startswith("W1 C=1: >= 5x the fastest peer") for v in verdicts)
+        assert any(v.strip().startswith("W2 ahead of every peer") for v in verdicts)
+        assert any(v.strip().startswith("RW ") for v in verdicts)
+        assert all(re.search(r"\s(met|MISSED|n/a|info) ", v) for v in verdicts)
+        assert stdout.rstrip().splitlines()[-1].startswith("(ran ")
+
+        doc = load(out)
+        assert doc["meta"]["suite"] == "sqlite-default"
+        assert doc["meta"]["command"].startswith("poolbench --quick")
+        assert set(doc["workloads"]) == {"W1", "W2", "W3", "W4", "RW"}
+        assert {doc["pools"][n]["style"] for n in lfl} == {"lfl"}
+        assert {t["style"] for t in doc["targets"]} == {"", "default", "lfl"}
+
+    def test_like_for_like_only(self, record_output: Recorder) -> None:
+        pytest.importorskip("aiosqlite")
+        proc = poolbench("--quick", "--like-for-like", "--workload", "W2", "--duration", "0.05",
+                         "--no-progress")
+        record_output(proc)
+        assert proc.returncode == 0, proc.stderr
+        names = set(rows(section(proc.stdout, "W2")))
+        assert {"pool", "limit", "sqlalchemy[lfl]", "aiosqlite/shared[lfl]"} <= names
+        assert not names & {"sqlalchemy", "aiosqlite/shared", "aiosqlite/task"}
 
     def test_bad_arguments(self) -> None:
         proc = poolbench("--workload", "W9")
@@ -211,11 +273,14 @@ class TestPostgres:
         assert "PostgreSQL " in proc.stdout
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-        everyone = {"pool", "limit", "asyncpg", "psycopg_pool", "sqlalchemy"}
-        assert set(rows(section(proc.stdout, "W2"))) == everyone
-        assert set(rows(section(proc.stdout, "W3"))) == everyone
-        assert set(rows(section(proc.stdout, "W4"))) == everyone - {"limit"}
-        assert set(rows(section(proc.stdout, "W5"))) == everyone
+        everyone = {
+            "pool", "limit", "asyncpg", "psycopg_pool", "sqlalchemy",
+            "asyncpg[lfl]", "psycopg_pool[lfl]", "sqlalchemy[lfl]",
+        }
+        assert set(rows(section(proc.stdout, "W2"))) - {"pool[reset]"} == everyone
+        assert set(rows(section(proc.stdout, "W3"))) - {"pool[reset]"} == everyone
+        assert set(rows(section(proc.stdout, "W4"))) - {"pool[reset]"} == everyone - {"limit"}
+        assert set(rows(section(proc.stdout, "W5"))) - {"pool[reset]"} == everyone
         # peers run with their defaults, and the output says what those do
         assert "BEGIN ... COMMIT" in proc.stdout and "BEGIN ... ROLLBACK" in proc.stdout
         assert "reset batch" in proc.stdout
@@ -223,10 +288,10 @@ class TestPostgres:
         doc = load(out)
         assert doc["meta"]["url"] == "postgresql://postgres:***@127.0.0.1:5432/test"
         assert doc["meta"]["size"] == 4 and doc["meta"]["w2_tasks"] == 40
-        assert set(doc["pools"]) == everyone
+        assert set(doc["pools"]) - {"pool[reset]"} == everyone
         assert all(doc["pools"][name]["role"] == "peer" for name in everyone - {"pool", "limit"})
         for case in doc["workloads"]["W1"]["cases"].values():
-            assert set(case) == everyone
+            assert set(case) - {"pool[reset]"} == everyone
         for name in everyone:
             assert set(doc["workloads"]["W2"]["cases"]["all"][name]) == W2_METRICS
             assert set(doc["workloads"]["W3"]["cases"]["all"][name]) >= W3_METRICS
@@ -236,9 +301,14 @@ class TestPostgres:
             assert doc["workloads"]["W5"]["cases"]["all"][name]["opened"]["median"] >= 1
         assert doc["workloads"]["W4"]["cases"]["all"]["asyncpg"]["error"] == ["TimeoutError"] * 2
         goals = {t["goal"] for t in doc["targets"]}
-        assert "C=1: >= 5x the fastest peer's cycles/s" in goals
+        assert "C=1: >= 5x the fastest peer's cycles/s (default rows)" in goals
+        assert "C=1: >= 5x the fastest peer's cycles/s (like-for-like rows)" in goals
         assert "no more connections opened than the fastest peer" in goals
         assert all(t["met"] is not None for t in doc["targets"])
+        # like-for-like asyncpg raised the same error as the default one
+        assert doc["workloads"]["W4"]["cases"]["all"]["asyncpg[lfl]"]["error"] == [
+            "TimeoutError"
+        ] * 2
 
     def test_a_missing_peer_is_skipped_with_a_note(self, record_output: Recorder) -> None:
         servers.require(servers.POSTGRES_URL, "PostgreSQL")
@@ -249,7 +319,10 @@ class TestPostgres:
         record_output(proc)
         assert proc.returncode == 0, proc.stderr
         assert "skipped   psycopg_pool: not installed (psycopg_pool)" in proc.stdout
-        assert set(rows(section(proc.stdout, "W4"))) == {"pool", "asyncpg", "sqlalchemy"}
+        assert "skipped   psycopg_pool[lfl]: not installed (psycopg_pool)" in proc.stdout
+        assert set(rows(section(proc.stdout, "W4"))) - {"pool[reset]"} == {
+            "pool", "asyncpg", "sqlalchemy", "asyncpg[lfl]", "sqlalchemy[lfl]"
+        }
 
     def test_an_unreachable_server_fails_fast_without_the_password(self) -> None:
         url = servers.POSTGRES_URL.replace(":5432/", ":1/")
@@ -270,10 +343,11 @@ class TestMySQL:
         record_output(proc)
         assert proc.returncode == 0, proc.stderr
         assert servers.SECRET not in proc.stdout + out.read_text(encoding="utf-8")
-        assert set(rows(section(proc.stdout, "W2"))) == {"pool", "limit", "aiomysql"}
+        mine = {"pool", "limit", "aiomysql", "aiomysql[lfl]"}
+        assert set(rows(section(proc.stdout, "W2"))) - {"pool[reset]"} == mine
         doc = load(out)
-        assert set(doc["pools"]) == {"pool", "limit", "aiomysql"}
-        assert set(doc["workloads"]["W5"]["cases"]["all"]) == {"pool", "limit", "aiomysql"}
+        assert set(doc["pools"]) - {"pool[reset]"} == mine
+        assert set(doc["workloads"]["W5"]["cases"]["all"]) - {"pool[reset]"} == mine
 
 
 class TestFifoCheck:
