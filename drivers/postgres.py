@@ -345,6 +345,11 @@ class PostgresDriver:
             return str(Host(directory, int(name.rpartition(".")[2])))
         return str(Host(addr[0], int(addr[1])))
 
+    @property
+    def wants_primary(self) -> bool:
+        """target_session_attrs asks for a writable server: a read-only one is a failover."""
+        return self._target in ("read-write", "primary")
+
     def is_read_only_error(self, exc: BaseException) -> bool:
         """True for SQLSTATE 25006: a write sent to a read-only session (a standby)."""
         return getattr(exc, "sqlstate", None) == READ_ONLY_SQLSTATE

@@ -31,12 +31,16 @@ class Conn:
     """One open connection. Users only ever see ``raw``, the driver's own object."""
 
     __slots__ = (
-        "epoch", "expires_at", "fresh_until", "idle_limit", "idle_since", "leak_reported_for",
-        "lent_at", "raw", "site_code", "site_offset", "state", "task",
+        "epoch", "expires_at", "fresh_until", "host", "idle_limit", "idle_since",
+        "leak_reported_for", "lent_at", "raw", "site_code", "site_offset", "state", "task",
     )
 
-    def __init__(self, raw: Any, now: float, epoch: int, lifetime: float, max_idle: float) -> None:
+    def __init__(
+        self, raw: Any, now: float, epoch: int, lifetime: float, max_idle: float, host: str = ""
+    ) -> None:
         self.raw = raw
+        #: the server it is on (``host:port``), where the driver tells; for failover
+        self.host = host
         self.state: str = IDLE
         #: the pool generation it belongs to: disconnect() starts a new one
         self.epoch = epoch

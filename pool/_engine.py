@@ -63,6 +63,14 @@ class Engine(Generic[C]):
         # connect may take that long per host.
         hosts = len(getattr(driver, "hosts", ()) or ()) or 1
         self.connect_timeout = (config.connect_timeout or math.inf) * hosts
+        # Failover awareness, where the driver offers it: which server a
+        # connection is on, and whether an error says that server is read-only.
+        self.host_of: Callable[[Any], str] | None = getattr(driver, "host_of", None)
+        self.is_read_only_error: Callable[[BaseException], bool] | None = (
+            getattr(driver, "is_read_only_error", None)
+            if getattr(driver, "wants_primary", False)
+            else None
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         self.server_checked = False
@@ -307,7 +315,11 @@ class Engine(Generic[C]):
             )
             ledger.open_failed(epoch, error)
             raise error from failure
-        if not ledger.open_done(raw, epoch):
+        host = ""
+        if self.host_of is not None:
+            with contextlib.suppress(Exception):
+                host = self.host_of(raw)
+        if not ledger.open_done(raw, epoch, host):
             self.driver.terminate(raw)  # the pool was disconnected meanwhile
 
     async def _check_server_ceiling(self, raw: C) -> None:
@@ -333,6 +345,8 @@ class Engine(Generic[C]):
     async def release(self, raw: C, exc: BaseException | None) -> None:
         """The careful release: roll back, or close, as the ledger decides."""
         cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+        if exc is not None and self.is_read_only_error is not None and self.host_of is not None:
+            self._after_error(raw, exc)
         action, rec = self.ledger.release(raw, cancelled)
         if action == RELEASED or rec is None:
             return
@@ -341,6 +355,29 @@ class Engine(Generic[C]):
                 await self.close(rec)
             else:
                 await self._roll_back(rec)
+
+    def _after_error(self, raw: C, exc: BaseException) -> None:
+        """A write failed as read-only on a pool that wants the primary: a failover.
+
+        Every connection to that server is retired at once, so none is lent
+        again; new ones open on whichever host is the primary now. The
+        statement is never retried here: the caller decides (nothing is
+        applied twice).
+        """
+        assert self.is_read_only_error is not None and self.host_of is not None
+        try:
+            if not self.is_read_only_error(exc):
+                return
+            host = self.host_of(raw)
+        except Exception:
+            return
+        found = self.ledger.retire_host(host)
+        logger.warning(
+            "%s is read-only now (a failover?): retiring its %d connection(s); "
+            "new ones go to the current primary",
+            host,
+            found,
+        )
 
     async def _roll_back(self, rec: Conn) -> None:
         ledger = self.ledger

@@ -201,7 +201,12 @@ class Ledger(Generic[C]):
         if rec.state is not BUSY:
             return False  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
-        if not ok or rec.epoch != self.epoch or self.state is not OPEN:
+        if (
+            not ok
+            or rec.epoch != self.epoch
+            or self.state is not OPEN
+            or rec.expires_at <= time.monotonic()  # retired meanwhile (a failover)
+        ):
             self._retire(rec)
             return False
         self._lend(rec, time.monotonic())
@@ -303,7 +308,7 @@ class Ledger(Generic[C]):
         self.inflight += 1
         return epoch
 
-    def open_done(self, raw: C, epoch: int) -> bool:
+    def open_done(self, raw: C, epoch: int, host: str = "") -> bool:
         """A connect succeeded. False: the pool closed meanwhile, and the caller closes it."""
         self._io_done()
         if epoch != self.epoch or self.state is not OPEN:
@@ -314,7 +319,7 @@ class Ledger(Generic[C]):
         self.opening -= 1
         self.opened += 1
         now = time.monotonic()
-        self._put(Conn(raw, now, epoch, self.lifetime, self.max_idle), now)
+        self._put(Conn(raw, now, epoch, self.lifetime, self.max_idle, host), now)
         # One more open connection: the slow start may let more waiters open.
         self.wake_openers()
         return True
@@ -402,10 +407,31 @@ class Ledger(Generic[C]):
         if rec.state is not BUSY:
             return  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
-        if ok and rec.epoch == self.epoch and self.state is OPEN:
-            self._put(rec, time.monotonic())
+        now = time.monotonic()
+        if ok and rec.epoch == self.epoch and self.state is OPEN and now < rec.expires_at:
+            self._put(rec, now)
         else:
             self._retire(rec)
+
+    def retire_host(self, host: str) -> int:
+        """Every connection to ``host`` is never lent again: a failover demoted it.
+
+        Idle ones close now; lent and busy ones close when they come back.
+        Returns how many were found.
+        """
+        found = 0
+        for rec in (*self.lent.values(), *self.busy.values()):
+            if rec.host == host:
+                rec.expires_at = -math.inf
+                found += 1
+        stale = [rec for rec in self.idle if rec.host == host]
+        if stale:
+            keep = [rec for rec in self.idle if rec.host != host]
+            self.idle.clear()
+            self.idle.extend(keep)
+            for rec in stale:
+                self._retire(rec)
+        return found + len(stale)
 
     # ------------------------------------------------------------ closing
 
