@@ -22,7 +22,7 @@ import anyio.lowlevel
 
 from . import _diagnosis, _shims
 from ._config import PoolConfig
-from ._conn import LENT, Conn
+from ._conn import BUSY, LENT, Conn
 from ._driver import Driver, check_runs_on
 from ._errors import PoolClosedError, TooManyWaitersError
 from ._ledger import CLOSE, CLOSING, OPEN, RELEASED, Ledger
@@ -104,9 +104,15 @@ class Engine(Generic[C]):
         return AsyncioWaiter(self.loop) if self.loop is not None else TrioWaiter()
 
     async def disconnect(self, grace: float) -> None:
-        """Close every connection the pool ever opened, whoever holds it."""
+        """Close every connection the pool ever opened, whoever holds it.
+
+        The pool's own I/O in flight (checks, rollbacks, openings) is cut short,
+        and the connections it was on are terminated at the end without waiting
+        for it: their tasks find them closed when they report. A connection
+        still being opened is not open yet; its opener closes it when the
+        connect returns, finding the epoch changed.
+        """
         ledger = self.ledger
-        ledger.quiet = anyio.Event()
         ledger.drained = anyio.Event()
         idle = ledger.begin_closing(
             PoolClosedError("the pool was disconnected while this call waited")
@@ -120,10 +126,6 @@ class Engine(Generic[C]):
                     with anyio.move_on_after(grace):
                         await ledger.drained.wait()
                 ledger.orphan_lent()
-                if ledger.inflight > 0:
-                    # cut short above: wait for each to report (and close its connection)
-                    with anyio.move_on_after(CLEANUP_TIMEOUT):
-                        await ledger.quiet.wait()
                 if self.upkeep_done is not None:
                     with anyio.move_on_after(CLEANUP_TIMEOUT):
                         await self.upkeep_done.wait()
@@ -409,13 +411,21 @@ class Engine(Generic[C]):
             self.ledger.close_done(rec)
 
     async def close_all(self, recs: list[Conn]) -> None:
-        """Close gracefully, all at once, within one bound."""
+        """Close gracefully, all at once, within one bound; every one is reported."""
         if not recs:
             return
-        with anyio.move_on_after(CLEANUP_TIMEOUT):
-            async with anyio.create_task_group() as tg:
-                for rec in recs:
-                    tg.start_soon(self.close, rec)
+        try:
+            with anyio.move_on_after(CLEANUP_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    for rec in recs:
+                        tg.start_soon(self.close, rec)
+        finally:
+            # A close task cancelled before it ever ran (the group was cut short
+            # at once) reported nothing: close and report its connection here.
+            for rec in recs:
+                if rec.state is BUSY:
+                    self.driver.terminate(rec.raw)
+                    self.ledger.close_done(rec)
 
     # ------------------------------------------------------------ upkeep
 

@@ -101,8 +101,6 @@ class Ledger(Generic[C]):
         self.inflight = 0
         #: the cancel scopes of in-flight I/O, for disconnect() to cut short
         self.scopes: set[anyio.CancelScope] = set()
-        #: set when the last in-flight I/O reports, while disconnect() waits for it
-        self.quiet: anyio.Event | None = None
         #: set when the last lent connection comes back during disconnect's grace
         self.drained: anyio.Event | None = None
         self.breaker = Breaker()
@@ -513,7 +511,7 @@ class Ledger(Generic[C]):
         self.opening = 0
         self.state = CLOSED_STATE
         self.deadlines.clear()
-        self.quiet = self.drained = None
+        self.drained = None
 
     def forget_after_fork(self) -> list[Any]:
         """In a forked child: drop the parent's connections without a word to the server."""
@@ -567,8 +565,6 @@ class Ledger(Generic[C]):
 
     def _io_done(self) -> None:
         self.inflight -= 1
-        if self.inflight == 0 and self.quiet is not None:
-            self.quiet.set()
 
     def _check_drained(self) -> None:
         if not self.lent and self.drained is not None:
