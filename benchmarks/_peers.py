@@ -213,7 +213,7 @@ class Ours(Subject):
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
     ) -> None:
-        overrides: dict[str, object] = {"connection_limit": size, **self.extra}
+        overrides: dict[str, Any] = {"connection_limit": size, **self.extra}
         if acquire_timeout is not None:
             overrides["pool_timeout"] = acquire_timeout
         db: pool.Pool[Any] = pool.Pool(self.url, driver=self._driver, **overrides)

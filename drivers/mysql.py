@@ -170,6 +170,10 @@ class TLSOnlyConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql 
         await super()._request_authentication()
 
 
+#: the protocol command that resets a session (MySQL 5.7.3+, MariaDB 10.2.4+)
+_COM_RESET_CONNECTION = 0x1F
+
+
 class MySQLDriver:
     """The adapter. Its connection type is aiomysql's own ``Connection``.
 
@@ -245,6 +249,28 @@ class MySQLDriver:
 
     def in_transaction(self, conn: Connection) -> bool:
         return bool(conn.get_transaction_status())
+
+    async def reset_session(self, conn: Connection) -> None:
+        """COM_RESET_CONNECTION: user variables, temporary tables, session settings, locks.
+
+        aiomysql has no public call for it: the command goes through its
+        private ``_execute_command``, checked here; without it the reset
+        fails and the pool closes the connection instead. The reset puts the
+        session's character set and autocommit back to the server's
+        defaults, so both are set again.
+        """
+        execute = getattr(conn, "_execute_command", None)
+        read_ok = getattr(conn, "_read_ok_packet", None)
+        if execute is None or read_ok is None:
+            raise NotImplementedError("this aiomysql has no COM_RESET_CONNECTION")
+
+        async def reset() -> None:
+            await execute(_COM_RESET_CONNECTION, b"")
+            await read_ok()
+            await conn.set_charset(conn.charset)
+            await conn.autocommit(True)
+
+        await self._bounded(conn, reset)
 
     async def begin(self, conn: Connection) -> None:
         await self._bounded(conn, conn.begin)

@@ -228,6 +228,13 @@ def _quiet_cancelled_tls_negotiation() -> None:
 _quiet_cancelled_tls_negotiation()
 
 
+#: DISCARD ALL less DEALLOCATE ALL: one simple-query batch, one round trip
+_RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); CLOSE ALL; DISCARD TEMP; DISCARD SEQUENCES;"
+)
+
+
 class PostgresDriver:
     """The adapter. Its connection type is asyncpg's own ``Connection``."""
 
@@ -365,6 +372,36 @@ class PostgresDriver:
 
     def is_alive(self, conn: Connection) -> bool:
         return not conn.is_closed()
+
+    async def recover(self, conn: Connection) -> None:
+        """Bring back a connection whose holder was cancelled mid-query.
+
+        asyncpg answered the cancellation with a server-side cancel request;
+        this waits for the aborted statement to end (the pool bounds the
+        wait), then rolls back what the holder left open.
+        """
+        wait = getattr(conn._protocol, "_wait_for_cancellation", None)  # private: guarded
+        is_cancelling = getattr(conn._protocol, "_is_cancelling", None)
+        if wait is not None and is_cancelling is not None:
+            if is_cancelling():
+                await wait(None)
+        elif not conn.is_in_transaction():
+            # the public way: a query waits for a cancellation in progress first
+            await conn.fetchval("SELECT 1")
+        if conn.is_closed():
+            raise ConnectionError("the connection closed while its query was cancelled")
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+
+    async def reset_session(self, conn: Connection) -> None:
+        """What ``DISCARD ALL`` does, except dropping prepared statements, in one round trip.
+
+        The statement cache survives (DISCARD ALL would drop the statements
+        asyncpg has prepared under its feet). Settings given at connect time
+        (``schema``, ``application_name``, ``options``) are the session's
+        defaults, so ``RESET ALL`` keeps them.
+        """
+        await conn.execute(_RESET_SESSION)
 
     async def ping(self, conn: Connection) -> None:
         # execute() without arguments uses the simple query protocol: one

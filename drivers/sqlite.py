@@ -361,6 +361,27 @@ class SQLiteDriver:
     def is_alive(self, conn: SQLiteConnection) -> bool:
         return not conn.closed
 
+    async def recover(self, conn: SQLiteConnection) -> None:
+        """Nothing to wait for: a cancelled call already waited for its thread's statement.
+
+        (The pool rolls back what the holder left open.)
+        """
+
+    async def reset_session(self, conn: SQLiteConnection) -> None:
+        """Drop the session's temporary tables; the rest of a session lives in the file."""
+
+        def drop_temp_tables() -> None:
+            names = [
+                row[0]
+                for row in conn.raw.execute(
+                    "SELECT name FROM temp.sqlite_master WHERE type = 'table'"
+                )
+            ]
+            for name in names:
+                conn.raw.execute(f'DROP TABLE temp."{name.replace(chr(34), chr(34) * 2)}"')
+
+        await conn._run(drop_temp_tables)
+
     async def ping(self, conn: SQLiteConnection) -> None:
         await conn.execute("SELECT 1")
 

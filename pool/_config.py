@@ -63,6 +63,11 @@ class PoolConfig:
     health_check_after: float
     #: a connection held longer than this logs one WARNING (None = off)
     leak_detection_threshold: float | None
+    #: every release restores the session (the driver's reset: RESET ALL and
+    #: friends on PostgreSQL, COM_RESET_CONNECTION on MySQL)
+    reset_session: bool = False
+    #: how long each ``on_before_exit`` callback may run (None = no bound)
+    before_exit_timeout: float | None = 5.0
 
 
 #: query parameters whose values are secrets (libpq's ?password=, ?sslpassword=)
@@ -185,6 +190,16 @@ def _whole(minimum: int, maximum: int) -> Callable[[str, object], int]:
     return parse_whole
 
 
+def _parse_bool(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(name, raw, "must be true or false")
+
+
 _PARSERS: dict[str, Callable[[str, object], object]] = {
     "connection_limit": _whole(1, MAX_CONNECTION_LIMIT),
     "pool_timeout": _seconds(none_when_zero=False),
@@ -195,6 +210,8 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_waiting": _whole(0, 100_000_000),
     "health_check_after": _seconds(none_when_zero=False),
     "leak_detection_threshold": _seconds(none_when_zero=True),
+    "reset_session": _parse_bool,
+    "before_exit_timeout": _seconds(none_when_zero=True),
 }
 
 _DEFAULTS: dict[str, object] = {
@@ -209,6 +226,11 @@ _DEFAULTS: dict[str, object] = {
     # error, while a ping costs one round trip only on the slow path.
     "health_check_after": 1.0,
     "leak_detection_threshold": None,
+    # off, like psycopg_pool, HikariCP and Prisma: a release then costs no
+    # round trip. asyncpg's pool resets on every release.
+    "reset_session": False,
+    # a before-exit callback that hangs must not hang disconnect()
+    "before_exit_timeout": 5.0,
 }
 
 POOL_PARAMETERS = frozenset(_PARSERS)

@@ -97,16 +97,23 @@ def timeout_error(
 
 
 def connect_error(
-    exc: BaseException, *, url: str, scheme: str, secrets: Iterable[str]
+    exc: BaseException,
+    *,
+    url: str,
+    scheme: str,
+    secrets: Iterable[str],
+    during: str | None = None,
 ) -> ConnectError:
     where = url.split("://", 1)[-1].rpartition("@")[2].split("/", 1)[0].split("?", 1)[0]
     detail = str(exc) or type(exc).__name__
     # A driver may echo its DSN: never let a password through.
     for secret in secrets:
         detail = detail.replace(secret, "***")
-    error = ConnectError(
-        f"Can't reach database server at {where or scheme}: {type(exc).__name__}: {detail}"
-    )
+    if during is not None:
+        text = f"{during} failed on a new connection to {where or scheme}"
+    else:
+        text = f"Can't reach database server at {where or scheme}"
+    error = ConnectError(f"{text}: {type(exc).__name__}: {detail}")
     error.__cause__ = exc
     return error
 

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
@@ -25,10 +26,11 @@ from ._config import PoolConfig
 from ._conn import BUSY, LENT, Conn
 from ._driver import Driver, check_runs_on
 from ._errors import PoolClosedError, TooManyWaitersError
-from ._ledger import CLOSE, CLOSING, OPEN, RELEASED, Ledger
+from ._ledger import CLOSE, CLOSING, OPEN, RECOVER, RELEASED, Ledger
+from ._upkeep import Upkeep
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
 
-__all__ = ["CLEANUP_TIMEOUT", "Engine"]
+__all__ = ["CLEANUP_TIMEOUT", "Engine", "Hook", "Hooks"]
 
 logger = logging.getLogger("pool")
 
@@ -40,14 +42,33 @@ CLEANUP_TIMEOUT: Final = 5.0
 
 _NO_SCOPE: Final = contextlib.nullcontext()
 
+#: a connection hook: an async callable given the driver's own connection
+Hook = Callable[[Any], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """psycopg_pool's names: on each new connection, before each lending, on each release."""
+
+    configure: Hook | None = None
+    check: Hook | None = None
+    reset: Hook | None = None
+
 
 class Engine(Generic[C]):
     """Runs the I/O for one pool; its :class:`Ledger` keeps the books."""
 
-    def __init__(self, driver: Driver[C], config: PoolConfig, secrets: tuple[str, ...]) -> None:
+    def __init__(
+        self, driver: Driver[C], config: PoolConfig, secrets: tuple[str, ...], hooks: Hooks
+    ) -> None:
         self.driver = driver
         self.config = config
         self.secrets = secrets
+        self.hooks = hooks
+        self.recover: Callable[[Any], Awaitable[None]] | None = getattr(driver, "recover", None)
+        self.reset_session: Callable[[Any], Awaitable[None]] | None = (
+            getattr(driver, "reset_session", None) if config.reset_session else None
+        )
         self.ledger: Ledger[C] = Ledger(
             limit=config.connection_limit,
             is_alive=driver.is_alive,
@@ -56,6 +77,9 @@ class Engine(Generic[C]):
             lifetime=config.max_connection_lifetime or math.inf,
             max_idle=config.max_idle_connection_lifetime or math.inf,
             check_after=config.health_check_after,
+            tidy_every_release=config.reset_session or hooks.reset is not None,
+            check_every_lending=hooks.check is not None,
+            can_recover=self.recover is not None,
         )
         self.wait_timeout = config.pool_timeout or math.inf
         self.io_timeout = config.connect_timeout or CLEANUP_TIMEOUT
@@ -74,9 +98,7 @@ class Engine(Generic[C]):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         self.server_checked = False
-        self.upkeep_scope: anyio.CancelScope | None = None
-        self.upkeep_done: anyio.Event | None = None
-        self.upkeep_task: object = None  # the asyncio task, held so it is never collected
+        self.upkeep = Upkeep(self)
         #: called when the pool opens (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
 
@@ -94,7 +116,7 @@ class Engine(Generic[C]):
         ledger.deadlines.loop = self.loop
         ledger.state = OPEN
         self.server_checked = False
-        self._start_upkeep(library)
+        self.upkeep.start(library)
         logger.info(
             "Starting a %s pool with %d connections.", self.driver.scheme, ledger.limit
         )
@@ -117,8 +139,7 @@ class Engine(Generic[C]):
         idle = ledger.begin_closing(
             PoolClosedError("the pool was disconnected while this call waited")
         )
-        if self.upkeep_scope is not None:
-            self.upkeep_scope.cancel()
+        self.upkeep.stop()
         try:
             with anyio.CancelScope(shield=True):
                 await self.close_all(idle)
@@ -126,13 +147,11 @@ class Engine(Generic[C]):
                     with anyio.move_on_after(grace):
                         await ledger.drained.wait()
                 ledger.orphan_lent()
-                if self.upkeep_done is not None:
-                    with anyio.move_on_after(CLEANUP_TIMEOUT):
-                        await self.upkeep_done.wait()
+                with anyio.move_on_after(CLEANUP_TIMEOUT):
+                    await self.upkeep.stopped()
         finally:
             ledger.finish_closing()
-            self.upkeep_scope = self.upkeep_done = None
-            self.upkeep_task = None
+            self.upkeep.forget()
 
     # ------------------------------------------------------------ acquire
 
@@ -159,19 +178,28 @@ class Engine(Generic[C]):
         return await self._wait(wait_for)
 
     async def _check(self, rec: Conn) -> bool:
-        """Ping a connection that sat idle a while. True: it is now lent to the caller."""
+        """Check an idle connection before lending it. True: it is now lent to the caller.
+
+        A ping if it sat idle a while, then the ``check`` hook if there is one,
+        all within ``connect_timeout``.
+        """
         ledger = self.ledger
         ok = False
         scope = anyio.CancelScope()
         ledger.scopes.add(scope)
         try:
             with scope, anyio.fail_after(self.io_timeout):
-                await self.driver.ping(rec.raw)
+                if time.monotonic() - rec.idle_since >= ledger.check_after:
+                    await self.driver.ping(rec.raw)
+                if self.hooks.check is not None:
+                    await self.hooks.check(rec.raw)
                 ok = True
         except Exception:
-            pass  # a dead connection is not the caller's problem: close it, try another
+            # A dead connection (or one the check refused) is not the caller's
+            # problem: it is closed, and another one tried.
+            logger.debug("an idle connection failed its check; closing it", exc_info=True)
         except BaseException:
-            ledger.check_done(rec, False)  # cancelled mid-ping: its state is unknown
+            ledger.check_done(rec, False)  # cancelled mid-check: its state is unknown
             raise
         finally:
             ledger.scopes.discard(scope)
@@ -282,7 +310,9 @@ class Engine(Generic[C]):
         ledger = self.ledger
         epoch = ledger.begin_open(waiter)
         raw: C | None = None
+        ready = False  # connected and configured
         failure: Exception | None = None
+        hook_failed = False
         # On asyncio the waiter has no cancel scope: this one holds its deadline.
         scope = anyio.CancelScope(deadline=deadline if self.loop is not None else math.inf)
         waiter.opening = scope
@@ -292,6 +322,11 @@ class Engine(Generic[C]):
                 try:
                     with anyio.fail_after(self.connect_timeout):
                         raw = await self.driver.connect()
+                        if self.hooks.configure is not None:
+                            hook_failed = True
+                            await self.hooks.configure(raw)
+                            hook_failed = False
+                    ready = True
                     if not self.server_checked:
                         self.server_checked = True
                         await self._check_server_ceiling(raw)
@@ -306,17 +341,24 @@ class Engine(Generic[C]):
         finally:
             waiter.opening = None
             ledger.scopes.discard(scope)
-        if raw is None:
+        if not ready:
+            if raw is not None:
+                self.driver.terminate(raw)  # half set up: never lent
             if failure is None:  # abandoned: served first, pool closing, or its deadline
                 ledger.open_failed(epoch, None)
                 if self.loop is not None and self.loop.time() >= deadline:
                     waiter.timed_out = True
                 return
             error = _diagnosis.connect_error(
-                failure, url=self.config.url, scheme=self.config.scheme, secrets=self.secrets
+                failure,
+                url=self.config.url,
+                scheme=self.config.scheme,
+                secrets=self.secrets,
+                during="the configure hook" if hook_failed else None,
             )
             ledger.open_failed(epoch, error)
             raise error from failure
+        assert raw is not None
         host = ""
         if self.host_of is not None:
             with contextlib.suppress(Exception):
@@ -352,11 +394,15 @@ class Engine(Generic[C]):
         action, rec = self.ledger.release(raw, cancelled)
         if action == RELEASED or rec is None:
             return
+        if action == RECOVER:
+            # Never in the cancelled caller: the upkeep recovers it.
+            self.upkeep.recover_later(rec)
+            return
         with anyio.CancelScope(shield=True):
             if action == CLOSE:
                 await self.close(rec)
             else:
-                await self._roll_back(rec)
+                await self.tidy(rec, recover=False)
 
     def _after_error(self, raw: C, exc: BaseException) -> None:
         """A write failed as read-only on a pool that wants the primary: a failover.
@@ -381,20 +427,35 @@ class Engine(Generic[C]):
             found,
         )
 
-    async def _roll_back(self, rec: Conn) -> None:
+    async def tidy(self, rec: Conn, *, recover: bool) -> None:
+        """Bring a released connection back to a clean session; report it tidied.
+
+        Recovery after a cancellation (the driver's own) comes first, then a
+        rollback of an open transaction, the session reset if asked for, and
+        the ``reset`` hook: all within one bound. If any fails, it is closed.
+        """
         ledger = self.ledger
+        driver = self.driver
+        raw = rec.raw
         ok = False
         scope = anyio.CancelScope()
         ledger.scopes.add(scope)
         try:
             with scope, anyio.fail_after(CLEANUP_TIMEOUT):
-                await self.driver.rollback(rec.raw)
+                if recover and self.recover is not None:
+                    await self.recover(raw)
+                if driver.in_transaction(raw):
+                    await driver.rollback(raw)
+                if self.reset_session is not None:
+                    await self.reset_session(raw)
+                if self.hooks.reset is not None:
+                    await self.hooks.reset(raw)
                 ok = True
         except Exception:
-            logger.debug("rollback on release failed; closing the connection", exc_info=True)
+            logger.debug("cleaning a released connection failed; closing it", exc_info=True)
         finally:
             ledger.scopes.discard(scope)
-            ledger.rolled_back(rec, ok)
+            ledger.tidied(rec, ok)
 
     async def close(self, rec: Conn) -> None:
         """Close one BUSY connection gracefully, within a bound; report it closed."""
@@ -426,56 +487,3 @@ class Engine(Generic[C]):
                 if rec.state is BUSY:
                     self.driver.terminate(rec.raw)
                     self.ledger.close_done(rec)
-
-    # ------------------------------------------------------------ upkeep
-
-    def _start_upkeep(self, library: str) -> None:
-        """Upkeep runs whenever the pool is open, in a task the pool owns."""
-        self.upkeep_scope = anyio.CancelScope()
-        self.upkeep_done = anyio.Event()
-        if library == "trio":
-            import trio
-
-            trio.lowlevel.spawn_system_task(self._upkeep, name="pool upkeep")
-        else:
-            assert self.loop is not None
-            self.upkeep_task = self.loop.create_task(self._upkeep(), name="pool upkeep")
-
-    def _tick(self) -> float:
-        cfg = self.config
-        limits = [
-            x
-            for x in (
-                cfg.max_idle_connection_lifetime,
-                cfg.max_connection_lifetime,
-                cfg.leak_detection_threshold,
-            )
-            if x
-        ]
-        return min(1.0, max(0.05, min(limits, default=4.0) / 4))
-
-    async def _upkeep(self) -> None:
-        scope, done = self.upkeep_scope, self.upkeep_done
-        assert scope is not None and done is not None
-        tick = self._tick()
-        try:
-            with scope:
-                while True:
-                    await anyio.sleep(tick)
-                    try:
-                        await self.upkeep_once()
-                    except Exception:  # upkeep must never take the pool down
-                        logger.exception("pool upkeep failed; it will run again")
-        finally:
-            done.set()
-
-    async def upkeep_once(self) -> None:
-        """One round of upkeep: close expired idle connections, report leaks."""
-        ledger = self.ledger
-        expired = ledger.take_expired()
-        if expired:
-            logger.debug("closing %d expired idle connection(s)", len(expired))
-            await self.close_all(expired)
-        threshold = self.config.leak_detection_threshold
-        if threshold is not None and ledger.state is OPEN:
-            _diagnosis.report_leaks(ledger.lent.values(), threshold)

@@ -50,11 +50,20 @@ CLOSED_STATE: Final = "closed"
 
 # what the slow release must do once the ledger has decided
 RELEASED: Final = 0  # nothing more: it went back (or was closed at once)
-ROLL_BACK: Final = 1  # roll back, then report with rolled_back()
+TIDY: Final = 1  # roll back and/or reset the session, then report with tidied()
 CLOSE: Final = 2  # close gracefully, then report with close_done()
+RECOVER: Final = 3  # cancelled mid-use: the upkeep recovers it, then reports with tidied()
 
 
 def _no_task() -> None:
+    return None
+
+
+def _never(raw: object) -> bool:
+    return False
+
+
+def _none() -> None:
     return None
 
 
@@ -71,6 +80,9 @@ class Ledger(Generic[C]):
         lifetime: float,
         max_idle: float,
         check_after: float,
+        tidy_every_release: bool = False,
+        check_every_lending: bool = False,
+        can_recover: bool = False,
     ) -> None:
         self.limit = limit
         self.is_alive = is_alive
@@ -79,6 +91,19 @@ class Ledger(Generic[C]):
         self.lifetime = lifetime
         self.max_idle = max_idle
         self.check_after = check_after
+        #: a reset runs on every release (reset_session, a reset hook)
+        self.tidy_every_release = tidy_every_release
+        #: a check hook runs before every lending of an idle connection
+        self.check_every_lending = check_every_lending
+        #: the driver can bring back a connection whose holder was cancelled mid-use
+        self.can_recover = can_recover
+        if tidy_every_release:
+            # Every release needs I/O: the fast release never applies. Swapped
+            # here, once, so that the fast path of a pool without hooks pays
+            # not even a flag test for them.
+            setattr(self, "give_back", _never)  # noqa: B010
+        if check_every_lending:
+            setattr(self, "take_idle", _none)  # noqa: B010
         self.state: str = CLOSED_STATE
         self.epoch = 0
         # The containers below are never replaced, only changed in place: a
@@ -185,7 +210,7 @@ class Ledger(Generic[C]):
             ):
                 self._retire(rec)
                 continue
-            if now - rec.idle_since < self.check_after:
+            if now - rec.idle_since < self.check_after and not self.check_every_lending:
                 self._lend(rec, now)
                 return rec
             # It sat idle long enough to doubt it: the caller checks it first.
@@ -377,7 +402,7 @@ class Ledger(Generic[C]):
     # ------------------------------------------------------------ release
 
     def release(self, raw: C, cancelled: bool) -> tuple[int, Conn | None]:
-        """The careful release decides: back now, roll back first, or close."""
+        """The careful release decides: back now, tidy (or recover) first, or close."""
         key = id(raw)
         rec = self.lent.pop(key, None)
         if rec is None:
@@ -389,18 +414,26 @@ class Ledger(Generic[C]):
             # disconnect() waits out its grace: close this one gracefully
             self._busy(rec)
             return CLOSE, rec
-        if cancelled or not self.is_alive(raw) or rec.expires_at <= time.monotonic():
-            # Cancelled mid-use, the connection may be mid-protocol: closing it
-            # is the only safe choice, and the server rolls back for us.
+        if not self.is_alive(raw) or rec.expires_at <= time.monotonic():
             self._retire(rec)
-        elif self.in_transaction(raw):
+        elif cancelled:
+            # Cancelled mid-use, the connection may be mid-protocol: never lent
+            # again as it is. The driver recovers it (the upkeep does that, not
+            # the cancelled caller), or it is closed and the server rolls back.
+            if not self.can_recover:
+                self._retire(rec)
+                return RELEASED, None
             self._busy(rec)
-            return ROLL_BACK, rec
+            return RECOVER, rec
+        elif self.tidy_every_release or self.in_transaction(raw):
+            self._busy(rec)
+            return TIDY, rec
         else:
             self._put(rec, time.monotonic())
         return RELEASED, None
 
-    def rolled_back(self, rec: Conn, ok: bool) -> None:
+    def tidied(self, rec: Conn, ok: bool) -> None:
+        """A rollback, session reset or recovery ended: idle (or handed on) again, or closed."""
         self._io_done()
         if rec.state is not BUSY:
             return  # disconnect() closed it meanwhile

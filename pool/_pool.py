@@ -15,6 +15,7 @@ are called straight from here. The parts, each of which reads alone:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
@@ -23,7 +24,8 @@ import anyio
 
 from . import _config, _registry
 from ._driver import Driver, load_driver
-from ._engine import Engine
+from ._engine import Engine, Hook, Hooks
+from ._errors import ConfigError
 from ._handles import Acquire, Transaction
 from ._ledger import OPEN
 from ._stats import PoolStats
@@ -55,8 +57,21 @@ class Pool(Generic[C]):
     """
 
     def __init__(
-        self, url: str, /, *, driver: Driver[C] | None = None, **overrides: object
+        self,
+        url: str,
+        /,
+        *,
+        driver: Driver[C] | None = None,
+        configure: Hook | None = None,
+        check: Hook | None = None,
+        reset: Hook | None = None,
+        **overrides: object,
     ) -> None:
+        hooks = Hooks(
+            configure=_hook("configure", configure),
+            check=_hook("check", check),
+            reset=_hook("reset", reset),
+        )
         parsed = _config.parse(url, overrides, any_scheme=driver is not None)
         self._config: Final = parsed.config
         cfg = parsed.config
@@ -69,8 +84,14 @@ class Pool(Generic[C]):
                 socket_timeout=cfg.socket_timeout,
                 connect_args=parsed.connect_args,
             )
+        if cfg.reset_session and not callable(getattr(driver, "reset_session", None)):
+            raise ConfigError(
+                "reset_session", True, f"the {driver.scheme} driver has no session reset"
+            )
         self._driver: Driver[C] = driver
-        self._engine: Engine[C] = Engine(driver, cfg, _config.secrets_of(parsed.driver_url))
+        self._engine: Engine[C] = Engine(
+            driver, cfg, _config.secrets_of(parsed.driver_url), hooks
+        )
         self._ledger = self._engine.ledger
         self._before_exit: list[Callable[[], Awaitable[object]]] = []
         self._entered = 0
@@ -231,10 +252,18 @@ class Pool(Generic[C]):
         logger.info("Disconnected the %s pool.", self._driver.scheme)
 
     async def _run_before_exit(self) -> None:
+        bound = self._config.before_exit_timeout or math.inf
         for callback in self._before_exit:
             try:
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(bound) as scope:
                     await callback()
+                if scope.cancelled_caught:
+                    logger.warning(
+                        "an on_before_exit callback ran past before_exit_timeout=%ss and was "
+                        "abandoned: %r",
+                        bound,
+                        callback,
+                    )
             except Exception:
                 logger.exception("an on_before_exit callback failed: %r", callback)
 
@@ -250,9 +279,7 @@ class Pool(Generic[C]):
         would then wait forever for a reply it is never told about.
         """
         _INHERITED.extend(self._ledger.forget_after_fork())
-        engine = self._engine
-        engine.upkeep_scope = engine.upkeep_done = None
-        engine.upkeep_task = None
+        self._engine.upkeep.forget()
 
     async def __aenter__(self) -> Pool[C]:
         """Connect now; the pool disconnects when the last ``async with`` block exits."""
@@ -281,6 +308,12 @@ class Pool(Generic[C]):
             f"<Pool {self._config.url} [in use {len(ledger.lent)}, idle {len(ledger.idle)}, "
             f"waiting {len(ledger.waiters)}, limit {ledger.limit}]>"
         )
+
+
+def _hook(name: str, hook: object) -> Hook | None:
+    if hook is not None and not callable(hook):
+        raise ConfigError(name, hook, "must be an async callable taking the connection")
+    return hook
 
 
 # ---------------------------------------------------------------------- the internal interface
