@@ -83,6 +83,7 @@ from urllib.parse import unquote
 
 import aiomysql
 import anyio
+import pymysql.err
 from pymysql.charset import charset_by_name
 from pymysql.constants import CLIENT, CR
 from pymysql.err import OperationalError
@@ -249,6 +250,12 @@ class MySQLDriver:
 
     def in_transaction(self, conn: Connection) -> bool:
         return bool(conn.get_transaction_status())
+
+    def is_broken_error(self, exc: BaseException) -> bool:
+        """PyMySQL's client-side errors: a packet it could not read, commands out of sync."""
+        if isinstance(exc, pymysql.err.InterfaceError):
+            return True
+        return isinstance(exc, OperationalError) and exc.args[:1] == (2014,)
 
     async def reset_session(self, conn: Connection) -> None:
         """COM_RESET_CONNECTION: user variables, temporary tables, session settings, locks.

@@ -352,6 +352,10 @@ class PostgresDriver:
             return str(Host(directory, int(name.rpartition(".")[2])))
         return str(Host(addr[0], int(addr[1])))
 
+    def is_broken_error(self, exc: BaseException) -> bool:
+        """asyncpg's client-side errors: the connection's protocol state is in doubt."""
+        return isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError))
+
     @property
     def wants_primary(self) -> bool:
         """target_session_attrs asks for a writable server: a read-only one is a failover."""

@@ -25,8 +25,8 @@ from . import _diagnosis, _shims
 from ._config import PoolConfig
 from ._conn import BUSY, LENT, Conn
 from ._driver import Driver, check_runs_on
-from ._errors import PoolClosedError, TooManyWaitersError
-from ._ledger import CLOSE, CLOSING, OPEN, RECOVER, RELEASED, Ledger
+from ._errors import PoolClosedError, PoolError, TooManyWaitersError
+from ._ledger import CLOSE, CLOSED_STATE, CLOSING, OPEN, RECOVER, RELEASED, Ledger
 from ._upkeep import Upkeep
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
 
@@ -41,6 +41,13 @@ C = TypeVar("C")
 CLEANUP_TIMEOUT: Final = 5.0
 
 _NO_SCOPE: Final = contextlib.nullcontext()
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # on trio
+        return None
+
 
 #: a connection hook: an async callable given the driver's own connection
 Hook = Callable[[Any], Awaitable[object]]
@@ -90,6 +97,9 @@ class Engine(Generic[C]):
         # Failover awareness, where the driver offers it: which server a
         # connection is on, and whether an error says that server is read-only.
         self.host_of: Callable[[Any], str] | None = getattr(driver, "host_of", None)
+        self.is_broken_error: Callable[[BaseException], bool] | None = getattr(
+            driver, "is_broken_error", None
+        )
         self.is_read_only_error: Callable[[BaseException], bool] | None = (
             getattr(driver, "is_read_only_error", None)
             if getattr(driver, "wants_primary", False)
@@ -99,8 +109,10 @@ class Engine(Generic[C]):
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         self.server_checked = False
         self.upkeep = Upkeep(self)
-        #: called when the pool opens (the registry counts it)
+        #: called when the pool opens, and when it closes without disconnect()
+        #: (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
+        self.on_close: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ life cycle
 
@@ -155,13 +167,48 @@ class Engine(Generic[C]):
 
     # ------------------------------------------------------------ acquire
 
+    def ensure_started(self) -> None:
+        """Open on first use, and move to the caller's event loop if it is another one."""
+        ledger = self.ledger
+        if ledger.state is OPEN:
+            if self.loop is None or self.loop is _running_loop():
+                return
+            self._move_to_this_loop()
+        import sniffio
+
+        self.start(sniffio.current_async_library())
+
+    def _move_to_this_loop(self) -> None:
+        """Used from a new event loop (a CLI's asyncio.run per command, a test's loop)."""
+        old = self.loop
+        assert old is not None
+        if (self.ledger.lent or self.ledger.busy) and old.is_running() and not old.is_closed():
+            raise PoolError(
+                "this pool's connections are still lent on another running event loop; "
+                "a pool serves one event loop at a time"
+            )
+        self.loop_ended("the pool is used from a new event loop")
+
+    def loop_ended(self, why: str) -> None:
+        """Drop every connection of the old event loop, without awaiting it."""
+        if self.ledger.state is CLOSED_STATE:
+            return
+        self.upkeep.stop()
+        self.ledger.drop_everything(
+            PoolClosedError("the event loop this call waited on has ended")
+        )
+        self.upkeep.forget()
+        self.on_close()
+        logger.info(
+            "%s: dropped its connections; the pool reopens on the next event loop that uses it.",
+            why,
+        )
+
     async def acquire(self, wait_for: float | None) -> C:
         """The careful acquire: check a doubtful idle connection, or queue."""
         ledger = self.ledger
-        if ledger.state is not OPEN:
-            import sniffio
-
-            self.start(sniffio.current_async_library())
+        if ledger.state is not OPEN or self.loop is not None:
+            self.ensure_started()
         epoch = ledger.epoch
         while True:
             rec = ledger.take_for()
@@ -388,10 +435,13 @@ class Engine(Generic[C]):
 
     async def release(self, raw: C, exc: BaseException | None) -> None:
         """The careful release: roll back, or close, as the ledger decides."""
-        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
-        if exc is not None and self.is_read_only_error is not None and self.host_of is not None:
-            self._after_error(raw, exc)
-        action, rec = self.ledger.release(raw, cancelled)
+        cancelled = broken = False
+        if exc is not None:
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            broken = not cancelled and self._broken_by(exc)
+            if self.is_read_only_error is not None and self.host_of is not None:
+                self._after_error(raw, exc)
+        action, rec = self.ledger.release(raw, cancelled, broken)
         if action == RELEASED or rec is None:
             return
         if action == RECOVER:
@@ -403,6 +453,19 @@ class Engine(Generic[C]):
                 await self.close(rec)
             else:
                 await self.tidy(rec, recover=False)
+
+    def _broken_by(self, exc: BaseException) -> bool:
+        """Did ``exc`` leave the connection in a state the pool cannot vouch for?
+
+        A RuntimeError is how asyncio reports a future of another event loop
+        (a connection used from the wrong loop); the driver names its own
+        (asyncpg's InterfaceError: "another operation is in progress", a
+        protocol error). Such a connection is closed, never lent again.
+        """
+        if isinstance(exc, RuntimeError):
+            return True
+        judge = self.is_broken_error
+        return judge is not None and judge(exc)
 
     def _after_error(self, raw: C, exc: BaseException) -> None:
         """A write failed as read-only on a pool that wants the primary: a failover.

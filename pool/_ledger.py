@@ -401,7 +401,7 @@ class Ledger(Generic[C]):
 
     # ------------------------------------------------------------ release
 
-    def release(self, raw: C, cancelled: bool) -> tuple[int, Conn | None]:
+    def release(self, raw: C, cancelled: bool, broken: bool = False) -> tuple[int, Conn | None]:
         """The careful release decides: back now, tidy (or recover) first, or close."""
         key = id(raw)
         rec = self.lent.pop(key, None)
@@ -414,7 +414,8 @@ class Ledger(Generic[C]):
             # disconnect() waits out its grace: close this one gracefully
             self._busy(rec)
             return CLOSE, rec
-        if not self.is_alive(raw) or rec.expires_at <= time.monotonic():
+        if broken or not self.is_alive(raw) or rec.expires_at <= time.monotonic():
+            # broken: it failed in a way that leaves its protocol state unknown
             self._retire(rec)
         elif cancelled:
             # Cancelled mid-use, the connection may be mid-protocol: never lent
@@ -545,6 +546,25 @@ class Ledger(Generic[C]):
         self.state = CLOSED_STATE
         self.deadlines.clear()
         self.drained = None
+
+    def drop_everything(self, error: BaseException) -> None:
+        """The event loop the pool ran on has ended: close all at once, no I/O awaited.
+
+        Waiters are failed, every connection is terminated (a holder's release
+        of one stays harmless), and a new epoch starts: the pool reopens on
+        the next event loop that uses it.
+        """
+        self.state = CLOSING
+        self.fail_waiters(error)
+        for scope in self.scopes:
+            scope.cancel()
+        while self.idle:
+            rec = self.idle.pop()
+            rec.state = CLOSED
+            self.terminate(rec.raw)
+            self.closed += 1
+        self.orphan_lent()
+        self.finish_closing()
 
     def forget_after_fork(self) -> list[Any]:
         """In a forked child: drop the parent's connections without a word to the server."""

@@ -97,6 +97,7 @@ class Pool(Generic[C]):
         self._entered = 0
         self._target = _registry.target_of(cfg.scheme, parsed.driver_url)
         self._engine.on_open = self._opened
+        self._engine.on_close = self._closed
         _registry.built(self)
 
     # ------------------------------------------------------------------ public API
@@ -214,7 +215,8 @@ class Pool(Generic[C]):
 
         Does nothing if the pool already holds a connection.
         """
-        if self._ledger.state is OPEN and self._ledger.size:
+        self._engine.ensure_started()
+        if self._ledger.size:
             return
         conn = await self._engine.acquire(None)
         await self._engine.release(conn, None)
@@ -269,6 +271,9 @@ class Pool(Generic[C]):
 
     def _opened(self) -> None:
         _registry.opened(self, self._target)
+
+    def _closed(self) -> None:
+        _registry.closed(self, self._target)
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without closing them.

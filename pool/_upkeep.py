@@ -93,6 +93,7 @@ class Upkeep:
     async def _run(self) -> None:
         scope, done = self._scope, self._done
         assert scope is not None and done is not None
+        cancelled = anyio.get_cancelled_exc_class()
         try:
             with scope:
                 async with anyio.create_task_group() as tg:
@@ -104,6 +105,13 @@ class Upkeep:
                             await self.once()
                         except Exception:  # upkeep must never take the pool down
                             logger.exception("pool upkeep failed; it will run again")
+        except cancelled:
+            if not scope.cancel_called:
+                # Not stopped by disconnect(): the event loop itself is ending
+                # (asyncio.run() cancels what is left, trio.run() its system
+                # tasks). It still runs: close every connection now, cleanly.
+                self._engine.loop_ended("The event loop this pool ran on ended")
+            raise
         finally:
             done.set()
 
