@@ -29,20 +29,30 @@ def shared(url: str, /, **overrides: object) -> Pool[Any]:
     ``importlib.reload()`` of this package and of the caller. A forked child
     gets a fresh pool and never touches its parent's connections.
     """
+    # The hooks are code, not settings: they take part in the key by identity.
+    hooks = {name: overrides.pop(name) for name in _HOOKS if name in overrides}
     parsed = _config.parse(url, overrides)  # validates, and normalises URL vs keywords
     # connect_args take part by value where they are plain data (a dict of
     # server_settings built afresh on each call still finds the same pool), by
     # identity otherwise (the same SSLContext shares a pool, another does not).
     extra = _freeze(parsed.connect_args)
-    key = (parsed.driver_url, *dataclasses.astuple(parsed.config), extra)
+    key = (
+        parsed.driver_url,
+        *dataclasses.astuple(parsed.config),
+        extra,
+        tuple(sorted((name, id(hook)) for name, hook in hooks.items())),
+    )
     registry = _registry.shared_registry()
     db = registry.get(key)
     if db is None:
-        db = Pool(url, **overrides)  # type: ignore[arg-type]  # validated above
+        db = Pool(url, **hooks, **overrides)  # type: ignore[arg-type]  # validated above
         _registry.mark_shared(db)
         registry[key] = db
     assert isinstance(db, Pool)
     return db
+
+
+_HOOKS = ("configure", "check", "reset")
 
 
 def _freeze(value: object) -> object:
