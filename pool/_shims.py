@@ -21,6 +21,11 @@ __all__ = ["checkpoint_if_cancelled_for", "current_task_for"]
 
 logger = logging.getLogger("pool")
 
+# Where the private names live, looked up when a pool starts (a test swaps
+# these for stand-ins of a newer release, without breaking asyncio or anyio).
+_asyncio_tasks: object = asyncio.tasks
+_anyio_eventloop_module = "anyio._core._eventloop"
+
 
 def current_task_for(library: str) -> Callable[[], object]:
     """A cheap "which task is this", for diagnosis. Call it from inside a task."""
@@ -32,7 +37,7 @@ def current_task_for(library: str) -> Callable[[], object]:
     # fast acquire; the registry it reads is a dict keyed by loop (~50 ns).
     # CPython 3.14 keeps the current task elsewhere: verify before trusting it.
     loop = asyncio.get_running_loop()
-    registry = getattr(asyncio.tasks, "_current_tasks", None)
+    registry = getattr(_asyncio_tasks, "_current_tasks", None)
     if isinstance(registry, dict):
         fast: Callable[[], object] = functools.partial(registry.get, loop)
         try:
@@ -51,8 +56,9 @@ def checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
     its cost, paid on every acquire that waited.
     """
     try:
-        from anyio._core._eventloop import get_async_backend
+        import importlib
 
+        get_async_backend = importlib.import_module(_anyio_eventloop_module).get_async_backend
         check = get_async_backend(library).checkpoint_if_cancelled
         if callable(check):
             return check
