@@ -235,6 +235,13 @@ _DEFAULTS: dict[str, object] = {
 
 POOL_PARAMETERS = frozenset(_PARSERS)
 
+
+def parse_connection_limit(value: object) -> int:
+    """Validate a connection_limit given at run time (``Pool.resize``)."""
+    limit = _PARSERS["connection_limit"]("connection_limit", value)
+    assert isinstance(limit, int)
+    return limit
+
 # Names that other pools use for the same settings: a user coming from them gets
 # pointed at ours instead of having the parameter passed to the driver.
 _ALIASES = {

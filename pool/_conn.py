@@ -32,7 +32,8 @@ class Conn:
 
     __slots__ = (
         "epoch", "expires_at", "fresh_until", "host", "idle_limit", "idle_since",
-        "leak_reported_for", "lent_at", "raw", "site_code", "site_offset", "state", "task",
+        "leak_reported_for", "lent_at", "raw", "retire_reason", "site_code", "site_offset",
+        "state", "task",
     )
 
     def __init__(
@@ -41,6 +42,8 @@ class Conn:
         self.raw = raw
         #: the server it is on (``host:port``), where the driver tells; for failover
         self.host = host
+        #: why it is to be closed when next free ("drain", "resize", "failover"), if marked
+        self.retire_reason = ""
         self.state: str = IDLE
         #: the pool generation it belongs to: disconnect() starts a new one
         self.epoch = epoch

@@ -26,7 +26,17 @@ from ._config import PoolConfig
 from ._conn import BUSY, LENT, Conn
 from ._driver import Driver, check_runs_on
 from ._errors import PoolClosedError, PoolError, TooManyWaitersError
-from ._ledger import CLOSE, CLOSED_STATE, CLOSING, OPEN, RECOVER, RELEASED, Ledger
+from ._ledger import (
+    BROKEN,
+    CLOSE,
+    CLOSED_STATE,
+    CLOSING,
+    OPEN,
+    RECOVER,
+    RELEASED,
+    RESET_FAILED,
+    Ledger,
+)
 from ._upkeep import Upkeep
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
 
@@ -267,8 +277,8 @@ class Engine(Generic[C]):
             await anyio.lowlevel.checkpoint()
             raise ledger.breaker.fail_fast_error()
         waiter = self.new_waiter()
+        started = waiter.started = time.monotonic()
         ledger.enqueue(waiter)
-        started = time.monotonic()
         wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
         loop = self.loop
         timer: asyncio.TimerHandle | None = None
@@ -457,12 +467,14 @@ class Engine(Generic[C]):
     def _broken_by(self, exc: BaseException) -> bool:
         """Did ``exc`` leave the connection in a state the pool cannot vouch for?
 
-        A RuntimeError is how asyncio reports a future of another event loop
-        (a connection used from the wrong loop); the driver names its own
-        (asyncpg's InterfaceError: "another operation is in progress", a
-        protocol error). Such a connection is closed, never lent again.
+        asyncio reports a connection used from the wrong event loop with a
+        RuntimeError about the loop ("attached to a different loop", "Event
+        loop is closed"); the driver names its own client-side errors
+        (asyncpg's InterfaceError: "another operation is in progress"). Such a
+        connection is closed, never lent again. An error of the caller's own
+        (a RuntimeError of its logic) leaves the connection as it is.
         """
-        if isinstance(exc, RuntimeError):
+        if isinstance(exc, RuntimeError) and "loop" in str(exc):
             return True
         judge = self.is_broken_error
         return judge is not None and judge(exc)
@@ -518,7 +530,7 @@ class Engine(Generic[C]):
             logger.debug("cleaning a released connection failed; closing it", exc_info=True)
         finally:
             ledger.scopes.discard(scope)
-            ledger.tidied(rec, ok)
+            ledger.tidied(rec, ok, BROKEN if recover else RESET_FAILED)
 
     async def close(self, rec: Conn) -> None:
         """Close one BUSY connection gracefully, within a bound; report it closed."""
@@ -533,6 +545,14 @@ class Engine(Generic[C]):
                 raise
         finally:
             self.ledger.close_done(rec)
+
+    async def resize(self, limit: int) -> None:
+        """A new connection_limit, live: the ledger decides, idle surplus closes here."""
+        await self.close_all(self.ledger.resize(limit))
+
+    async def drain(self) -> None:
+        """Replace every connection: the idle ones close here, the rest when they come back."""
+        await self.close_all(self.ledger.drain())
 
     async def close_all(self, recs: list[Conn]) -> None:
         """Close gracefully, all at once, within one bound; every one is reported."""

@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
@@ -43,6 +43,20 @@ __all__ = ["CLOSED_STATE", "CLOSING", "OPEN", "Ledger"]
 C = TypeVar("C")
 
 logger = logging.getLogger("pool")
+
+# why a connection was closed, for stats().closed_by
+IDLE_EXPIRY: Final = "idle_expiry"
+LIFETIME: Final = "lifetime"
+BROKEN: Final = "broken"
+CHECK_FAILED: Final = "check_failed"
+RESET_FAILED: Final = "reset_failed"
+DRAIN: Final = "drain"
+RESIZE: Final = "resize"
+FAILOVER: Final = "failover"
+DISCONNECT: Final = "disconnect"
+CLOSE_REASONS: Final = (
+    IDLE_EXPIRY, LIFETIME, BROKEN, CHECK_FAILED, RESET_FAILED, DRAIN, RESIZE, FAILOVER, DISCONNECT,
+)
 
 OPEN: Final = "open"
 CLOSING: Final = "closing"
@@ -136,6 +150,9 @@ class Ledger(Generic[C]):
         self.wait_seconds = 0.0
         self.opened = 0
         self.closed = 0
+        #: closed connections by why: what an operator tunes lifetimes by
+        self.closed_by: Counter[str] = Counter()
+        self.connect_failures = 0
 
     # ------------------------------------------------------------ the fast paths
 
@@ -208,7 +225,7 @@ class Ledger(Generic[C]):
                 or now >= rec.expires_at
                 or now - rec.idle_since >= rec.idle_limit
             ):
-                self._retire(rec)
+                self._retire(rec, self._why_expired(rec, now))
                 continue
             if now - rec.idle_since < self.check_after and not self.check_every_lending:
                 self._lend(rec, now)
@@ -224,13 +241,13 @@ class Ledger(Generic[C]):
         if rec.state is not BUSY:
             return False  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
-        if (
-            not ok
-            or rec.epoch != self.epoch
-            or self.state is not OPEN
-            or rec.expires_at <= time.monotonic()  # retired meanwhile (a failover)
-        ):
-            self._retire(rec)
+        now = time.monotonic()
+        if not ok:
+            self._retire(rec, CHECK_FAILED)
+            return False
+        if rec.epoch != self.epoch or self.state is not OPEN or rec.expires_at <= now:
+            # disconnected, or marked meanwhile (a drain, a failover)
+            self._retire(rec, self._why_expired(rec, now))
             return False
         self._lend(rec, time.monotonic())
         return True
@@ -289,7 +306,7 @@ class Ledger(Generic[C]):
             if self.state is OPEN and rec.epoch == self.epoch:
                 self._put(rec, time.monotonic())
             else:
-                self._retire(rec)
+                self._retire(rec, DISCONNECT)
                 self._check_drained()
         else:
             self.orphans.pop(key, None)  # closed by disconnect() before the waiter ran
@@ -358,6 +375,7 @@ class Ledger(Generic[C]):
             self.wake_openers()
             return
         self.breaker.failed(error)
+        self.connect_failures += 1
         if server_is_gone(error.__cause__):
             # Refused: the server is down or restarting. Every connection opened
             # before now died with it: close the idle ones, the lent ones when
@@ -365,7 +383,7 @@ class Ledger(Generic[C]):
             for rec in self.lent.values():
                 rec.expires_at = -math.inf
             while self.idle:
-                self._retire(self.idle.pop())
+                self._retire(self.idle.pop(), BROKEN)
         self.wake_openers()
         # Sleepers wait with no timer: wake them, so that each looks again when
         # this back-off ends (one of them will be the probe).
@@ -414,15 +432,18 @@ class Ledger(Generic[C]):
             # disconnect() waits out its grace: close this one gracefully
             self._busy(rec)
             return CLOSE, rec
-        if broken or not self.is_alive(raw) or rec.expires_at <= time.monotonic():
+        now = time.monotonic()
+        if broken or not self.is_alive(raw):
             # broken: it failed in a way that leaves its protocol state unknown
-            self._retire(rec)
+            self._retire(rec, BROKEN)
+        elif rec.expires_at <= now:
+            self._retire(rec, self._why_expired(rec, now))
         elif cancelled:
             # Cancelled mid-use, the connection may be mid-protocol: never lent
             # again as it is. The driver recovers it (the upkeep does that, not
             # the cancelled caller), or it is closed and the server rolls back.
             if not self.can_recover:
-                self._retire(rec)
+                self._retire(rec, BROKEN)
                 return RELEASED, None
             self._busy(rec)
             return RECOVER, rec
@@ -430,20 +451,25 @@ class Ledger(Generic[C]):
             self._busy(rec)
             return TIDY, rec
         else:
-            self._put(rec, time.monotonic())
+            self._put(rec, now)
         return RELEASED, None
 
-    def tidied(self, rec: Conn, ok: bool) -> None:
-        """A rollback, session reset or recovery ended: idle (or handed on) again, or closed."""
+    def tidied(self, rec: Conn, ok: bool, failed: str = RESET_FAILED) -> None:
+        """A rollback, session reset or recovery ended: idle (or handed on) again, or closed.
+
+        ``failed`` is the reason counted when it did not succeed.
+        """
         self._io_done()
         if rec.state is not BUSY:
             return  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
         now = time.monotonic()
-        if ok and rec.epoch == self.epoch and self.state is OPEN and now < rec.expires_at:
-            self._put(rec, now)
+        if not ok:
+            self._retire(rec, failed)
+        elif rec.epoch != self.epoch or self.state is not OPEN or rec.expires_at <= now:
+            self._retire(rec, self._why_expired(rec, now))
         else:
-            self._retire(rec)
+            self._put(rec, now)
 
     def retire_host(self, host: str) -> int:
         """Every connection to ``host`` is never lent again: a failover demoted it.
@@ -454,7 +480,7 @@ class Ledger(Generic[C]):
         found = 0
         for rec in (*self.lent.values(), *self.busy.values()):
             if rec.host == host:
-                rec.expires_at = -math.inf
+                self._mark(rec, FAILOVER)
                 found += 1
         stale = [rec for rec in self.idle if rec.host == host]
         if stale:
@@ -462,8 +488,61 @@ class Ledger(Generic[C]):
             self.idle.clear()
             self.idle.extend(keep)
             for rec in stale:
-                self._retire(rec)
+                self._retire(rec, FAILOVER)
         return found + len(stale)
+
+    def resize(self, limit: int) -> list[Conn]:
+        """A new ``connection_limit``, now. Returns idle connections to close (BUSY).
+
+        Growing lets the waiters open at once. Shrinking closes idle
+        connections first, then marks as many lent (and busy) ones as are
+        still too many, so each is closed when it comes back: never a held one.
+        """
+        self.limit = limit
+        surplus = self.size - limit
+        closing: list[Conn] = []
+        while surplus > 0 and self.idle:
+            rec = self.idle.popleft()  # the longest idle first
+            rec.retire_reason = RESIZE
+            self._busy(rec)
+            closing.append(rec)
+            surplus -= 1
+        for rec in (*self.lent.values(), *self.busy.values()):
+            if surplus <= 0:
+                break
+            if not rec.retire_reason:
+                self._mark(rec, RESIZE)
+                surplus -= 1
+        self.wake_openers()
+        return closing
+
+    def drain(self) -> list[Conn]:
+        """Replace every connection: idle ones now (returned BUSY, to close), the rest when free.
+
+        Waiters keep their place: new connections open for them as the old
+        ones close.
+        """
+        for rec in (*self.lent.values(), *self.busy.values()):
+            self._mark(rec, DRAIN)
+        closing = list(self.idle)
+        self.idle.clear()
+        for rec in closing:
+            rec.retire_reason = DRAIN
+            self._busy(rec)
+        return closing
+
+    def _mark(self, rec: Conn, reason: str) -> None:
+        """Close ``rec`` when next free, not before (a fast release sees it expired)."""
+        rec.retire_reason = rec.retire_reason or reason
+        rec.expires_at = -math.inf
+
+    @staticmethod
+    def _why_expired(rec: Conn, now: float) -> str:
+        if rec.retire_reason:
+            return rec.retire_reason
+        if now >= rec.expires_at:
+            return LIFETIME
+        return IDLE_EXPIRY
 
     # ------------------------------------------------------------ closing
 
@@ -491,8 +570,9 @@ class Ledger(Generic[C]):
         self.idle.clear()
         self.idle.extend(keep)
         for rec in dead:
-            self._retire(rec)
+            self._retire(rec, BROKEN)
         for rec in expired:
+            rec.retire_reason = self._why_expired(rec, now)
             self._busy(rec)
         return expired
 
@@ -504,6 +584,7 @@ class Ledger(Generic[C]):
         del self.busy[id(rec.raw)]
         rec.state = CLOSED
         self.closed += 1
+        self.closed_by[rec.retire_reason or DISCONNECT] += 1
         if rec.epoch == self.epoch and self.state is not CLOSED_STATE:
             self.size -= 1
             self.wake_openers()
@@ -530,6 +611,7 @@ class Ledger(Generic[C]):
             self.terminate(rec.raw)
             self.orphans[id(rec.raw)] = rec
         self.closed += len(lent)
+        self.closed_by[DISCONNECT] += len(lent)
 
     def finish_closing(self) -> None:
         """disconnect() ends: close what outlived its bound, and start a new epoch."""
@@ -537,6 +619,7 @@ class Ledger(Generic[C]):
             rec.state = CLOSED
             self.terminate(rec.raw)
             self.closed += 1
+            self.closed_by[DISCONNECT] += 1
         self.busy.clear()
         # A new epoch: an opening still in flight, or a reservation taken before
         # now, finds its epoch stale and leaves the new counts alone.
@@ -563,6 +646,7 @@ class Ledger(Generic[C]):
             rec.state = CLOSED
             self.terminate(rec.raw)
             self.closed += 1
+            self.closed_by[DISCONNECT] += 1
         self.orphan_lent()
         self.finish_closing()
 
@@ -584,6 +668,9 @@ class Ledger(Generic[C]):
 
     def _put(self, rec: Conn, now: float) -> None:
         """A free connection: hand it to the oldest waiter, or keep it idle."""
+        if self.size > self.limit:  # resized down: the surplus closes as it comes back
+            self._retire(rec, rec.retire_reason or RESIZE)
+            return
         waiters = self.waiters
         if waiters:
             waiter, _ = waiters.popitem(last=False)
@@ -605,13 +692,14 @@ class Ledger(Generic[C]):
         self.busy[id(rec.raw)] = rec
         self.inflight += 1
 
-    def _retire(self, rec: Conn) -> None:
+    def _retire(self, rec: Conn, reason: str) -> None:
         """Close a connection that must not be lent again, at once. O(1)."""
         rec.state = CLOSED
         self.terminate(rec.raw)
         if rec.epoch != self.epoch:
             return
         self.closed += 1
+        self.closed_by[reason] += 1
         if self.state is not CLOSED_STATE:
             self.size -= 1
             self.wake_openers()

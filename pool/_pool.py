@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
@@ -27,7 +28,7 @@ from ._driver import Driver, load_driver
 from ._engine import Engine, Hook, Hooks
 from ._errors import ConfigError
 from ._handles import Acquire, Transaction
-from ._ledger import OPEN
+from ._ledger import CLOSE_REASONS, OPEN
 from ._stats import PoolStats
 
 __all__ = ["Pool", "borrow", "driver_of", "give_back", "lends"]
@@ -124,6 +125,11 @@ class Pool(Generic[C]):
             wait_seconds=ledger.wait_seconds,
             opened=ledger.opened,
             closed=ledger.closed,
+            closed_by={r: ledger.closed_by[r] for r in CLOSE_REASONS},
+            connect_failures=ledger.connect_failures,
+            longest_wait=(
+                time.monotonic() - next(iter(ledger.waiters)).started if ledger.waiters else 0.0
+            ),
         )
 
     def acquire(self, *, timeout: float | None = None) -> Acquire[C]:
@@ -220,6 +226,26 @@ class Pool(Generic[C]):
             return
         conn = await self._engine.acquire(None)
         await self._engine.release(conn, None)
+
+    async def resize(self, connection_limit: int) -> None:
+        """Change ``connection_limit`` now, without a restart.
+
+        Growing serves the waiters at once (FIFO kept). Shrinking closes idle
+        connections first and the rest as they come back, never a held one;
+        ``size`` is at most the new limit once the surplus is returned.
+        """
+        limit = _config.parse_connection_limit(connection_limit)
+        await self._engine.resize(limit)
+
+    async def drain(self) -> None:
+        """Replace every connection, live (a failover, a credential rotation).
+
+        Idle connections close now, held ones when they come back, checks and
+        rollbacks in flight when they end; new ones open as callers need them.
+        No caller fails, and FIFO order holds. Returns once the idle ones are
+        closed.
+        """
+        await self._engine.drain()
 
     def on_before_exit(self, callback: Callable[[], Awaitable[object]]) -> None:
         """Register an async callback that :meth:`disconnect` runs first.

@@ -61,7 +61,7 @@ def checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
         get_async_backend = importlib.import_module(_anyio_eventloop_module).get_async_backend
         check = get_async_backend(library).checkpoint_if_cancelled
         if callable(check):
-            return check
+            return check  # type: ignore[no-any-return]
     except (ImportError, AttributeError, LookupError, TypeError):  # moved in some release
         pass
     logger.debug("anyio's backend lookup moved; using anyio.lowlevel.checkpoint_if_cancelled")

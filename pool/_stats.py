@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = ["PoolStats"]
@@ -42,6 +43,14 @@ class PoolStats:
     opened: int
     #: connections closed, in all (expired, broken, or at disconnect)
     closed: int
+    #: ``closed`` by why: ``idle_expiry``, ``lifetime``, ``broken``, ``check_failed``,
+    #: ``reset_failed``, ``drain``, ``resize``, ``failover``, ``disconnect`` (every key
+    #: present, 0 when none)
+    closed_by: Mapping[str, int]
+    #: connect attempts that failed, in all
+    connect_failures: int
+    #: how long the oldest caller still waiting has waited, in seconds (0 when none)
+    longest_wait: float
 
 
 PoolStats.__module__ = "pool"

@@ -72,7 +72,7 @@ class Upkeep:
         """A connection whose holder was cancelled mid-use: recover it in the background."""
         if self._wakeup is None:  # not running: nobody would recover it
             self._engine.driver.terminate(rec.raw)
-            self._engine.ledger.tidied(rec, False)
+            self._engine.ledger.tidied(rec, False, "broken")
             return
         self._pending.append(rec)
         self._wakeup.set()
@@ -129,7 +129,7 @@ class Upkeep:
         finally:
             if rec.state == "busy":  # cancelled before tidy() could report
                 self._engine.driver.terminate(rec.raw)
-                self._engine.ledger.tidied(rec, False)
+                self._engine.ledger.tidied(rec, False, "broken")
 
     async def once(self) -> None:
         """One round: close expired idle connections, report leaks."""

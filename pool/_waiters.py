@@ -26,7 +26,7 @@ __all__ = ["AsyncioWaiter", "Deadlines", "TrioWaiter", "Waiter"]
 
 
 class _WaiterBase:
-    __slots__ = ("conn", "deadline", "error", "opening", "reserved", "timed_out")
+    __slots__ = ("conn", "deadline", "error", "opening", "reserved", "started", "timed_out")
 
     def __init__(self) -> None:
         self.conn: Conn | None = None
@@ -36,6 +36,8 @@ class _WaiterBase:
         self.reserved = -1
         self.timed_out = False
         self.deadline = math.inf
+        #: when it began to wait (time.monotonic()), for stats().longest_wait
+        self.started = 0.0
         #: while it opens a connection: the scope to abort that, if served first
         self.opening: anyio.CancelScope | None = None
 
