@@ -11,7 +11,27 @@ for a bad one, which the engine reports as ``pool.ConfigError``.
 
 from __future__ import annotations
 
-__all__ = ["InvalidParameter"]
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["InvalidParameter", "PasswordProvider", "resolve_password"]
+
+#: ``Pool(..., password=...)``: a string, or a callable / async callable asked
+#: at each connect (a token that expires: AWS RDS IAM, Azure AD, GCP IAM)
+PasswordProvider = Callable[[], Any]
+
+
+async def resolve_password(provider: PasswordProvider) -> str:
+    """Ask the provider for the password of one connect. Never kept, never shown."""
+    value = provider()
+    if inspect.isawaitable(value):
+        value = await value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"the password provider must return a str, got {type(value).__name__}"
+        )
+    return value
 
 
 class InvalidParameter(ValueError):

@@ -88,7 +88,7 @@ from pymysql.charset import charset_by_name
 from pymysql.constants import CLIENT, CR
 from pymysql.err import OperationalError
 
-from . import InvalidParameter
+from . import InvalidParameter, PasswordProvider, resolve_password
 from ._url import (
     HIDDEN,
     check_connect_args,
@@ -200,6 +200,9 @@ class MySQLDriver:
         self._connect_timeout = connect_timeout
         self._socket_timeout = socket_timeout
 
+    #: set by the pool for ``Pool(..., password=callable)``: asked at each connect
+    password_provider: PasswordProvider | None = None
+
     def __repr__(self) -> str:
         return f"<MySQLDriver {self._display_url}>"
 
@@ -209,7 +212,10 @@ class MySQLDriver:
         # cancelled mid-handshake: aiomysql cleans up after errors but not
         # after cancellation, and would leave the socket to the garbage
         # collector and an "Unclosed connection" ResourceWarning.
-        conn = self._connection_class(**self._connect_kwargs)
+        kwargs = self._connect_kwargs
+        if self.password_provider is not None:  # asked at each connect, kept by nobody
+            kwargs = {**kwargs, "password": await resolve_password(self.password_provider)}
+        conn = self._connection_class(**kwargs)
         try:
             with anyio.fail_after(self._connect_timeout):
                 await conn._connect()

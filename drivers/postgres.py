@@ -99,6 +99,7 @@ noise from inside asyncpg, nothing leaks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl as ssl_module
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -106,7 +107,7 @@ from urllib.parse import unquote, urlencode
 
 import asyncpg
 
-from . import InvalidParameter
+from . import InvalidParameter, PasswordProvider, resolve_password
 from ._hosts import Host, NoSuitableHost, connect_first
 from ._url import (
     HIDDEN,
@@ -273,10 +274,20 @@ class PostgresDriver:
     def __repr__(self) -> str:
         return f"<PostgresDriver {self._display_url}>"
 
+    #: set by the pool for ``Pool(..., password=callable)``: asked at each connect
+    password_provider: PasswordProvider | None = None
+
+    async def _kwargs(self) -> dict[str, Any]:
+        """The connect keywords, with a password asked for just now if there is a provider."""
+        if self.password_provider is None:
+            return self._connect_kwargs
+        return {**self._connect_kwargs, "password": await resolve_password(self.password_provider)}
+
     async def connect(self) -> Connection:
+        kwargs = await self._kwargs()
         if self._target is None:
             return await asyncpg.connect(
-                **self._connect_kwargs,
+                **kwargs,
                 statement_cache_size=self.statement_cache_size,
                 # asyncpg mutates nothing here, but a fresh dict per connection
                 # keeps that an assumption we do not have to make
@@ -286,7 +297,7 @@ class PostgresDriver:
         return await connect_first(
             self._hosts,
             wanted=f"target_session_attrs={target}",
-            connect=self._connect_host,
+            connect=functools.partial(self._connect_host, kwargs),
             judge=self._judge,
             fallback=self._any_role if target == "prefer-standby" else None,
             discard=self.close,
@@ -295,9 +306,9 @@ class PostgresDriver:
             shuffle=self._load_balance,
         )
 
-    async def _connect_host(self, host: Host) -> Connection:
+    async def _connect_host(self, kwargs: dict[str, Any], host: Host) -> Connection:
         return await asyncpg.connect(
-            **self._connect_kwargs,
+            **kwargs,
             host=host.host,
             port=host.port,
             # our own check below, not asyncpg's: it gives no per-host reasons

@@ -40,7 +40,11 @@ def shared(url: str, /, **overrides: object) -> Pool[Any]:
         parsed.driver_url,
         *dataclasses.astuple(parsed.config),
         extra,
-        tuple(sorted((name, id(hook)) for name, hook in hooks.items())),
+        tuple(
+            sorted(
+                (name, hook if isinstance(hook, str) else id(hook)) for name, hook in hooks.items()
+            )
+        ),
     )
     registry = _registry.shared_registry()
     db = registry.get(key)
@@ -52,7 +56,7 @@ def shared(url: str, /, **overrides: object) -> Pool[Any]:
     return db
 
 
-_HOOKS = ("configure", "check", "reset")
+_HOOKS = ("configure", "check", "reset", "password")
 
 
 def _freeze(value: object) -> object:

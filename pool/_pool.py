@@ -66,6 +66,7 @@ class Pool(Generic[C]):
         configure: Hook | None = None,
         check: Hook | None = None,
         reset: Hook | None = None,
+        password: str | Callable[[], Any] | None = None,
         **overrides: object,
     ) -> None:
         hooks = Hooks(
@@ -89,6 +90,8 @@ class Pool(Generic[C]):
             raise ConfigError(
                 "reset_session", True, f"the {driver.scheme} driver has no session reset"
             )
+        if password is not None:
+            _give_password(driver, password)
         self._driver: Driver[C] = driver
         self._engine: Engine[C] = Engine(
             driver, cfg, _config.secrets_of(parsed.driver_url), hooks
@@ -339,6 +342,22 @@ class Pool(Generic[C]):
             f"<Pool {self._config.url} [in use {len(ledger.lent)}, idle {len(ledger.idle)}, "
             f"waiting {len(ledger.waiters)}, limit {ledger.limit}]>"
         )
+
+
+def _give_password(driver: object, password: object) -> None:
+    """``password=``: a string, or a callable / async callable asked at each connect."""
+    if not (isinstance(password, str) or callable(password)):
+        raise ConfigError(
+            "password", type(password).__name__, "must be a str, or a callable returning one"
+        )
+    if not hasattr(driver, "password_provider"):
+        raise ConfigError(
+            "password",
+            "***",
+            f"the {getattr(driver, 'scheme', 'given')} driver takes no password",
+        )
+    provider = password if callable(password) else (lambda: password)
+    driver.password_provider = provider
 
 
 def _hook(name: str, hook: object) -> Hook | None:
