@@ -66,10 +66,12 @@ class Engine(Generic[C]):
         # Failover awareness, where the driver offers it: which server a
         # connection is on, and whether an error says that server is read-only.
         self.host_of: Callable[[Any], str] | None = getattr(driver, "host_of", None)
+        wants_primary = getattr(driver, "wants_primary", False)
         self.is_read_only_error: Callable[[BaseException], bool] | None = (
-            getattr(driver, "is_read_only_error", None)
-            if getattr(driver, "wants_primary", False)
-            else None
+            getattr(driver, "is_read_only_error", None) if wants_primary else None
+        )
+        self.is_disconnect_error: Callable[[BaseException], bool] | None = (
+            getattr(driver, "is_disconnect_error", None) if wants_primary else None
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
@@ -359,27 +361,38 @@ class Engine(Generic[C]):
                 await self._roll_back(rec)
 
     def _after_error(self, raw: C, exc: BaseException) -> None:
-        """A write failed as read-only on a pool that wants the primary: a failover.
+        """A query failed on a pool that wants the primary: was it a failover?
 
-        Every connection to that server is retired at once, so none is lent
-        again; new ones open on whichever host is the primary now. The
-        statement is never retried here: the caller decides (nothing is
-        applied twice).
+        A write refused as read-only (the server was demoted), or a session the
+        server ended (a shutdown or a crash: the server is going away): every
+        connection to that server is retired at once, so none is lent again;
+        new ones open on whichever host is the primary now. Without this, the
+        other idle connections to a server that is shutting down look alive
+        until the event loop has read each one's FATAL, and are lent in that
+        window, to fail their caller's write too. A single backend killed with
+        pg_terminate_backend looks the same from here (57P01): its server's
+        connections are then reopened, on the same primary. The statement is
+        never retried here: the caller decides (nothing is applied twice).
         """
         assert self.is_read_only_error is not None and self.host_of is not None
         try:
-            if not self.is_read_only_error(exc):
+            if self.is_read_only_error(exc):
+                why = "is read-only now (a failover?)"
+            elif self.is_disconnect_error is not None and self.is_disconnect_error(exc):
+                why = f"ended a session ({type(exc).__name__}: a shutdown or a crash?)"
+            else:
                 return
             host = self.host_of(raw)
         except Exception:
             return
         found = self.ledger.retire_host(host)
-        logger.warning(
-            "%s is read-only now (a failover?): retiring its %d connection(s); "
-            "new ones go to the current primary",
-            host,
-            found,
-        )
+        if found:
+            logger.warning(
+                "%s %s: retiring its %d connection(s); new ones go to the current primary",
+                host,
+                why,
+                found,
+            )
 
     async def _roll_back(self, rec: Conn) -> None:
         ledger = self.ledger
