@@ -213,46 +213,52 @@ class Engine(Generic[C]):
             scope = anyio.CancelScope(deadline=deadline)
         with scope:
             try:
-                while waiter.conn is None:
-                    if waiter.error is not None:
-                        raise waiter.error
-                    if waiter.timed_out:
-                        break
-                    if waiter.reserved >= 0:
-                        await self._open(waiter, deadline)
-                        if (
-                            waiter.conn is None
-                            and waiter.error is None
-                            and not waiter.timed_out
-                            and waiter in ledger.waiters
-                        ):
-                            # Its new connection went to an older waiter (or the
-                            # opening was abandoned): it waits again, and may be
-                            # woken to open again when capacity frees up.
-                            waiter.rearm()
-                            ledger.sleepers[waiter] = None
-                            ledger.wake_openers()
-                        continue
-                    breaker = ledger.breaker
-                    if breaker.backing_off():
-                        # Nothing may wake us when the back-off ends: look again
-                        # then (we may be the probe).
-                        with anyio.move_on_after(breaker.remaining()):
-                            await waiter.wait()
-                        if not waiter.woken():
-                            ledger.wake_openers()
+                while True:
+                    while waiter.conn is None:
+                        if waiter.error is not None:
+                            raise waiter.error
+                        if waiter.timed_out:
+                            break
+                        if waiter.reserved >= 0:
+                            await self._open(waiter, deadline)
+                            if (
+                                waiter.conn is None
+                                and waiter.error is None
+                                and not waiter.timed_out
+                                and waiter in ledger.waiters
+                            ):
+                                # Its new connection went to an older waiter (or the
+                                # opening was abandoned): it waits again, and may be
+                                # woken to open again when capacity frees up.
+                                waiter.rearm()
+                                ledger.sleepers[waiter] = None
+                                ledger.wake_openers()
                             continue
-                    else:
-                        await waiter.wait()
-                    if waiter.conn is not None:
-                        # Cancelled as it was handed the connection? Then it must
-                        # pass it on (in the except below), not carry it away.
-                        await self.checkpoint_if_cancelled()
-                    elif waiter.error is None and not waiter.timed_out:
-                        waiter.rearm()  # woken to open a connection
-                if waiter.conn is not None:
+                        breaker = ledger.breaker
+                        if breaker.backing_off():
+                            # Nothing may wake us when the back-off ends: look again
+                            # then (we may be the probe).
+                            with anyio.move_on_after(breaker.remaining()):
+                                await waiter.wait()
+                            if not waiter.woken():
+                                ledger.wake_openers()
+                                continue
+                        else:
+                            await waiter.wait()
+                        if waiter.conn is not None:
+                            # Cancelled as it was handed the connection? Then it must
+                            # pass it on (in the except below), not carry it away.
+                            await self.checkpoint_if_cancelled()
+                        elif waiter.error is None and not waiter.timed_out:
+                            waiter.rearm()  # woken to open a connection
+                    if waiter.conn is None:
+                        break  # timed out
                     ledger.unreserve(waiter)  # served before it began to open
-                    return ledger.accept(waiter, started)
+                    raw = ledger.accept(waiter, started)
+                    if raw is not None:
+                        return raw
+                    # Handed a connection that a failover retired before this
+                    # task ran: it was not lent; the ledger queued us again, first.
             except BaseException:
                 ledger.abandon(waiter)
                 raise

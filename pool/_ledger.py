@@ -225,8 +225,13 @@ class Ledger(Generic[C]):
         else:
             self.sleepers[waiter] = None
 
-    def accept(self, waiter: Waiter, started: float) -> C:
-        """A waiter that was handed a connection runs: lend it, unless the pool closed since."""
+    def accept(self, waiter: Waiter, started: float) -> C | None:
+        """A waiter that was handed a connection runs: lend it, unless the pool closed since.
+
+        None: the connection was retired while the waiter had not run yet (its
+        server failed over, see :meth:`retire_host`, or went away): it is
+        closed, never lent, and the waiter is back at the head of the queue.
+        """
         rec = waiter.conn
         assert rec is not None
         waiter.conn = None
@@ -234,6 +239,17 @@ class Ledger(Generic[C]):
         if self.state is not OPEN or rec.state is not LENT or self.lent.get(key) is not rec:
             self._returned(rec)
             raise PoolClosedError("the pool was disconnected while this call waited")
+        if rec.expires_at == -math.inf:
+            del self.lent[key]
+            waiter.rearm()
+            self.waiters[waiter] = None
+            self.waiters.move_to_end(waiter, last=False)  # it was first in line
+            if self.may_open():
+                self.reserve(waiter)
+            else:
+                self.sleepers[waiter] = None
+            self._retire(rec)
+            return None
         now = time.monotonic()
         self.waited += 1
         self.wait_seconds += now - started
