@@ -289,6 +289,7 @@ class Engine(Generic[C]):
         """
         ledger = self.ledger
         epoch = ledger.begin_open(waiter)
+        began = time.monotonic()
         raw: C | None = None
         failure: Exception | None = None
         # On asyncio the waiter has no cancel scope: this one holds its deadline.
@@ -323,7 +324,7 @@ class Engine(Generic[C]):
             error = _diagnosis.connect_error(
                 failure, url=self.config.url, scheme=self.config.scheme, secrets=self.secrets
             )
-            ledger.open_failed(epoch, error)
+            ledger.open_failed(epoch, error, began)
             raise error from failure
         host = ""
         if self.host_of is not None:

@@ -338,8 +338,13 @@ class Ledger(Generic[C]):
         self.wake_openers()
         return True
 
-    def open_failed(self, epoch: int, error: ConnectError | None) -> None:
-        """A connect failed (``error``) or was abandoned (None): free its capacity."""
+    def open_failed(
+        self, epoch: int, error: ConnectError | None, began: float = math.inf
+    ) -> None:
+        """A connect failed (``error``) or was abandoned (None): free its capacity.
+
+        ``began``: when that connect started (monotonic), for the breaker.
+        """
         self._io_done()
         if epoch != self.epoch:
             return
@@ -348,7 +353,7 @@ class Ledger(Generic[C]):
         if error is None:
             self.wake_openers()
             return
-        self.breaker.failed(error)
+        self.breaker.failed(error, began)
         if server_is_gone(error.__cause__):
             # Refused: the server is down or restarting. Every connection opened
             # before now died with it: close the idle ones, the lent ones when
