@@ -440,7 +440,7 @@ class Ledger(Generic[C]):
         """
         found = 0
         for rec in (*self.lent.values(), *self.busy.values()):
-            if rec.host == host:
+            if rec.host == host and rec.expires_at != -math.inf:  # not counted twice
                 rec.expires_at = -math.inf
                 found += 1
         stale = [rec for rec in self.idle if rec.host == host]
