@@ -186,6 +186,9 @@ _MANAGED = {
 DEFAULT_STATEMENT_CACHE_SIZE = 100
 #: SQLSTATE read_only_sql_transaction: a write reached a read-only session
 READ_ONLY_SQLSTATE = "25006"
+#: admin_shutdown (a fast shutdown, or pg_terminate_backend), crash_shutdown,
+#: cannot_connect_now: the server ended the session
+DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
 
 #: asyncpg's connection; the library has no type hints
 Connection = Any
@@ -375,6 +378,26 @@ class PostgresDriver:
     def is_read_only_error(self, exc: BaseException) -> bool:
         """True for SQLSTATE 25006: a write sent to a read-only session (a standby)."""
         return getattr(exc, "sqlstate", None) == READ_ONLY_SQLSTATE
+
+    def is_disconnect_error(self, exc: BaseException) -> bool:
+        """True when the server ended the session or the link broke.
+
+        SQLSTATE class 08 (asyncpg's ``ConnectionDoesNotExistError``: "connection
+        was closed in the middle of operation"), 57P01-57P03 (a shutdown, a crash
+        of another backend, a server starting or stopping), a socket error, and
+        asyncpg's ``InternalClientError``, which is what a query sent on a
+        connection that has read the server's FATAL but not yet its end of
+        stream raises ("cannot switch to state 12; another operation (2) is in
+        progress"). A query timeout is not one: the connection stays usable.
+        """
+        sqlstate = getattr(exc, "sqlstate", None)
+        if isinstance(sqlstate, str) and (
+            sqlstate.startswith("08") or sqlstate in DISCONNECT_SQLSTATES
+        ):
+            return True
+        if isinstance(exc, asyncpg.InternalClientError):
+            return True
+        return isinstance(exc, ConnectionError)
 
     async def close(self, conn: Connection) -> None:
         # asyncpg aborts the connection itself when the graceful close fails

@@ -17,24 +17,41 @@ _BACKOFF_MAX: Final = 0.5
 
 
 class Breaker:
-    """Consecutive connect failures, and until when to fail fast."""
+    """Consecutive connect failures, and until when to fail fast.
 
-    __slots__ = ("failures", "last_error", "until")
+    The back-off doubles per *round*: a connect that began before the last
+    failure was recorded was in flight alongside it (the pool grows several
+    connections at once), and its failure is news of the same outage, not a
+    further probe. Counting each of them would take the back-off to its
+    maximum in one stroke when a server goes away under load.
+    """
+
+    __slots__ = ("failures", "last_error", "rounds", "since", "until")
 
     def __init__(self) -> None:
         self.failures = 0
+        self.rounds = 0
         self.until = 0.0
+        #: when the back-off was last set (monotonic)
+        self.since = -math.inf
         self.last_error: ConnectError | None = None
 
-    def failed(self, error: ConnectError) -> None:
+    def failed(self, error: ConnectError, began: float = math.inf) -> None:
+        """A connect that began at ``began`` (monotonic) failed with ``error``."""
         self.failures += 1
-        backoff = min(_BACKOFF_FIRST * 2 ** (self.failures - 1), _BACKOFF_MAX)
-        self.until = time.monotonic() + backoff
         self.last_error = error
+        if began < self.since:
+            return  # in flight when the last failure was counted: the same round
+        self.rounds += 1
+        backoff = min(_BACKOFF_FIRST * 2 ** (self.rounds - 1), _BACKOFF_MAX)
+        self.since = time.monotonic()
+        self.until = self.since + backoff
 
     def succeeded(self) -> int:
         """Close the breaker; returns how many failures it had seen."""
         failures, self.failures = self.failures, 0
+        self.rounds = 0
+        self.since = -math.inf
         return failures
 
     def backing_off(self) -> bool:
@@ -54,8 +71,8 @@ class Breaker:
         return error
 
     def reset(self) -> None:
-        self.failures = 0
-        self.until = -math.inf
+        self.failures = self.rounds = 0
+        self.until = self.since = -math.inf
         self.last_error = None
 
 

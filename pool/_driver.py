@@ -47,6 +47,10 @@ class Driver(Protocol[C]):
     ``is_read_only_error(exc) -> bool``
         True when a query failed because the server is read-only (SQLSTATE
         25006 on PostgreSQL: a standby, or a read-only session).
+    ``is_disconnect_error(exc) -> bool``
+        True when a query failed because the server ended the session or the
+        link broke (a shutdown, a crash, a lost socket), so that a pool that
+        wants the primary stops lending that server's other connections.
     """
 
     #: the canonical scheme, e.g. ``"postgresql"``; used in log lines

@@ -110,10 +110,12 @@ class Engine(Generic[C]):
         self.is_broken_error: Callable[[BaseException], bool] | None = getattr(
             driver, "is_broken_error", None
         )
+        wants_primary = getattr(driver, "wants_primary", False)
         self.is_read_only_error: Callable[[BaseException], bool] | None = (
-            getattr(driver, "is_read_only_error", None)
-            if getattr(driver, "wants_primary", False)
-            else None
+            getattr(driver, "is_read_only_error", None) if wants_primary else None
+        )
+        self.is_disconnect_error: Callable[[BaseException], bool] | None = (
+            getattr(driver, "is_disconnect_error", None) if wants_primary else None
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
@@ -296,46 +298,52 @@ class Engine(Generic[C]):
             scope = anyio.CancelScope(deadline=deadline)
         with scope:
             try:
-                while waiter.conn is None:
-                    if waiter.error is not None:
-                        raise waiter.error
-                    if waiter.timed_out:
-                        break
-                    if waiter.reserved >= 0:
-                        await self._open(waiter, deadline)
-                        if (
-                            waiter.conn is None
-                            and waiter.error is None
-                            and not waiter.timed_out
-                            and waiter in ledger.waiters
-                        ):
-                            # Its new connection went to an older waiter (or the
-                            # opening was abandoned): it waits again, and may be
-                            # woken to open again when capacity frees up.
-                            waiter.rearm()
-                            ledger.sleepers[waiter] = None
-                            ledger.wake_openers()
-                        continue
-                    breaker = ledger.breaker
-                    if breaker.backing_off():
-                        # Nothing may wake us when the back-off ends: look again
-                        # then (we may be the probe).
-                        with anyio.move_on_after(breaker.remaining()):
-                            await waiter.wait()
-                        if not waiter.woken():
-                            ledger.wake_openers()
+                while True:
+                    while waiter.conn is None:
+                        if waiter.error is not None:
+                            raise waiter.error
+                        if waiter.timed_out:
+                            break
+                        if waiter.reserved >= 0:
+                            await self._open(waiter, deadline)
+                            if (
+                                waiter.conn is None
+                                and waiter.error is None
+                                and not waiter.timed_out
+                                and waiter in ledger.waiters
+                            ):
+                                # Its new connection went to an older waiter (or the
+                                # opening was abandoned): it waits again, and may be
+                                # woken to open again when capacity frees up.
+                                waiter.rearm()
+                                ledger.sleepers[waiter] = None
+                                ledger.wake_openers()
                             continue
-                    else:
-                        await waiter.wait()
-                    if waiter.conn is not None:
-                        # Cancelled as it was handed the connection? Then it must
-                        # pass it on (in the except below), not carry it away.
-                        await self.checkpoint_if_cancelled()
-                    elif waiter.error is None and not waiter.timed_out:
-                        waiter.rearm()  # woken to open a connection
-                if waiter.conn is not None:
+                        breaker = ledger.breaker
+                        if breaker.backing_off():
+                            # Nothing may wake us when the back-off ends: look again
+                            # then (we may be the probe).
+                            with anyio.move_on_after(breaker.remaining()):
+                                await waiter.wait()
+                            if not waiter.woken():
+                                ledger.wake_openers()
+                                continue
+                        else:
+                            await waiter.wait()
+                        if waiter.conn is not None:
+                            # Cancelled as it was handed the connection? Then it must
+                            # pass it on (in the except below), not carry it away.
+                            await self.checkpoint_if_cancelled()
+                        elif waiter.error is None and not waiter.timed_out:
+                            waiter.rearm()  # woken to open a connection
+                    if waiter.conn is None:
+                        break  # timed out
                     ledger.unreserve(waiter)  # served before it began to open
-                    return ledger.accept(waiter, started)
+                    raw = ledger.accept(waiter, started)
+                    if raw is not None:
+                        return raw
+                    # Handed a connection that a failover retired before this
+                    # task ran: it was not lent; the ledger queued us again, first.
             except BaseException:
                 ledger.abandon(waiter)
                 raise
@@ -366,6 +374,7 @@ class Engine(Generic[C]):
         """
         ledger = self.ledger
         epoch = ledger.begin_open(waiter)
+        began = time.monotonic()
         raw: C | None = None
         ready = False  # connected and configured
         failure: Exception | None = None
@@ -413,7 +422,7 @@ class Engine(Generic[C]):
                 secrets=self.secrets,
                 during="the configure hook" if hook_failed else None,
             )
-            ledger.open_failed(epoch, error)
+            ledger.open_failed(epoch, error, began)
             raise error from failure
         assert raw is not None
         host = ""
@@ -480,27 +489,38 @@ class Engine(Generic[C]):
         return judge is not None and judge(exc)
 
     def _after_error(self, raw: C, exc: BaseException) -> None:
-        """A write failed as read-only on a pool that wants the primary: a failover.
+        """A query failed on a pool that wants the primary: was it a failover?
 
-        Every connection to that server is retired at once, so none is lent
-        again; new ones open on whichever host is the primary now. The
-        statement is never retried here: the caller decides (nothing is
-        applied twice).
+        A write refused as read-only (the server was demoted), or a session the
+        server ended (a shutdown or a crash: the server is going away): every
+        connection to that server is retired at once, so none is lent again;
+        new ones open on whichever host is the primary now. Without this, the
+        other idle connections to a server that is shutting down look alive
+        until the event loop has read each one's FATAL, and are lent in that
+        window, to fail their caller's write too. A single backend killed with
+        pg_terminate_backend looks the same from here (57P01): its server's
+        connections are then reopened, on the same primary. The statement is
+        never retried here: the caller decides (nothing is applied twice).
         """
         assert self.is_read_only_error is not None and self.host_of is not None
         try:
-            if not self.is_read_only_error(exc):
+            if self.is_read_only_error(exc):
+                why = "is read-only now (a failover?)"
+            elif self.is_disconnect_error is not None and self.is_disconnect_error(exc):
+                why = f"ended a session ({type(exc).__name__}: a shutdown or a crash?)"
+            else:
                 return
             host = self.host_of(raw)
         except Exception:
             return
         found = self.ledger.retire_host(host)
-        logger.warning(
-            "%s is read-only now (a failover?): retiring its %d connection(s); "
-            "new ones go to the current primary",
-            host,
-            found,
-        )
+        if found:
+            logger.warning(
+                "%s %s: retiring its %d connection(s); new ones go to the current primary",
+                host,
+                why,
+                found,
+            )
 
     async def tidy(self, rec: Conn, *, recover: bool) -> None:
         """Bring a released connection back to a clean session; report it tidied.

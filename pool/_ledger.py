@@ -267,8 +267,13 @@ class Ledger(Generic[C]):
         else:
             self.sleepers[waiter] = None
 
-    def accept(self, waiter: Waiter, started: float) -> C:
-        """A waiter that was handed a connection runs: lend it, unless the pool closed since."""
+    def accept(self, waiter: Waiter, started: float) -> C | None:
+        """A waiter that was handed a connection runs: lend it, unless the pool closed since.
+
+        None: the connection was retired while the waiter had not run yet (its
+        server failed over, see :meth:`retire_host`, or went away): it is
+        closed, never lent, and the waiter is back at the head of the queue.
+        """
         rec = waiter.conn
         assert rec is not None
         waiter.conn = None
@@ -276,6 +281,17 @@ class Ledger(Generic[C]):
         if self.state is not OPEN or rec.state is not LENT or self.lent.get(key) is not rec:
             self._returned(rec)
             raise PoolClosedError("the pool was disconnected while this call waited")
+        if rec.expires_at == -math.inf:
+            del self.lent[key]
+            waiter.rearm()
+            self.waiters[waiter] = None
+            self.waiters.move_to_end(waiter, last=False)  # it was first in line
+            if self.may_open():
+                self.reserve(waiter)
+            else:
+                self.sleepers[waiter] = None
+            self._retire(rec, rec.retire_reason or FAILOVER)
+            return None
         now = time.monotonic()
         self.waited += 1
         self.wait_seconds += now - started
@@ -364,8 +380,13 @@ class Ledger(Generic[C]):
         self.wake_openers()
         return True
 
-    def open_failed(self, epoch: int, error: ConnectError | None) -> None:
-        """A connect failed (``error``) or was abandoned (None): free its capacity."""
+    def open_failed(
+        self, epoch: int, error: ConnectError | None, began: float = math.inf
+    ) -> None:
+        """A connect failed (``error``) or was abandoned (None): free its capacity.
+
+        ``began``: when that connect started (monotonic), for the breaker.
+        """
         self._io_done()
         if epoch != self.epoch:
             return
@@ -374,7 +395,7 @@ class Ledger(Generic[C]):
         if error is None:
             self.wake_openers()
             return
-        self.breaker.failed(error)
+        self.breaker.failed(error, began)
         self.connect_failures += 1
         if server_is_gone(error.__cause__):
             # Refused: the server is down or restarting. Every connection opened
@@ -479,7 +500,7 @@ class Ledger(Generic[C]):
         """
         found = 0
         for rec in (*self.lent.values(), *self.busy.values()):
-            if rec.host == host:
+            if rec.host == host and rec.expires_at != -math.inf:  # not counted twice
                 self._mark(rec, FAILOVER)
                 found += 1
         stale = [rec for rec in self.idle if rec.host == host]
