@@ -101,6 +101,8 @@ class Engine(Generic[C]):
         self.upkeep = Upkeep(self)
         #: called when the pool opens (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
+        #: called when the pool closes without disconnect(): its event loop ended
+        self.on_loop_end: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ life cycle
 
@@ -152,6 +154,30 @@ class Engine(Generic[C]):
         finally:
             ledger.finish_closing()
             self.upkeep.forget()
+
+    def loop_ended(self) -> None:
+        """The pool's event loop is ending, and the pool was never disconnected.
+
+        Nothing can be awaited any more: every connection is terminated where
+        it stands (synchronously: no ResourceWarning for an unclosed one at
+        exit, and the server sees the session end), a holder's later release
+        finds it orphaned, and the pool is closed. Its next use, on whatever
+        loop runs then (a second ``asyncio.run()``), starts afresh instead of
+        lending connections and waiting on futures bound to a dead loop.
+        """
+        ledger = self.ledger
+        if ledger.state is not OPEN:
+            return  # closed already, or a disconnect() in progress finishes it
+        ledger.begin_closing(PoolClosedError("the event loop the pool ran on ended"))
+        ledger.orphan_lent()
+        ledger.finish_closing()
+        self.upkeep.forget()
+        self.loop = None
+        logger.info(
+            "The event loop ended with the %s pool open: closed its connections.",
+            self.driver.scheme,
+        )
+        self.on_loop_end()
 
     # ------------------------------------------------------------ acquire
 

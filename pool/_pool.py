@@ -97,6 +97,7 @@ class Pool(Generic[C]):
         self._entered = 0
         self._target = _registry.target_of(cfg.scheme, parsed.driver_url)
         self._engine.on_open = self._opened
+        self._engine.on_loop_end = self._loop_ended
         _registry.built(self)
 
     # ------------------------------------------------------------------ public API
@@ -269,6 +270,9 @@ class Pool(Generic[C]):
 
     def _opened(self) -> None:
         _registry.opened(self, self._target)
+
+    def _loop_ended(self) -> None:
+        _registry.closed(self, self._target)
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without closing them.

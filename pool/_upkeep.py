@@ -4,7 +4,10 @@ It runs whenever the pool is open, lazily opened included, in a task the pool
 owns: on asyncio a task the pool holds, cancels and awaits at ``disconnect()``;
 on trio a system task. Neither the acquire nor the release path pays for it.
 A process that ends without ``disconnect()`` ends it quietly: the event loop
-cancels it like any other task, and nothing is left to complain.
+cancels it like any other task (asyncio.run() cancels every task left; trio
+cancels its system tasks when the main task returns), and being cancelled by
+anyone but :meth:`Upkeep.stop` it closes the pool's connections on its way
+out, so that nothing is left to complain and the next loop starts afresh.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class Upkeep:
                             logger.exception("pool upkeep failed; it will run again")
         finally:
             done.set()
+            if not scope.cancel_called and self._scope is scope:
+                # Not stopped by disconnect(): the event loop is ending (or the
+                # upkeep died). No disconnect() will come to close the pool.
+                self._engine.loop_ended()
 
     async def _recover_all(self, tg: anyio.abc.TaskGroup) -> None:
         """Each connection handed over for recovery, in a task of its own."""
