@@ -438,8 +438,19 @@ class PostgresDriver:
         asyncpg has prepared under its feet). Settings given at connect time
         (``schema``, ``application_name``, ``options``) are the session's
         defaults, so ``RESET ALL`` keeps them.
+
+        ``UNLISTEN *`` ends the server's side of ``add_listener``; asyncpg's
+        side is its own table of callbacks, forgotten here as asyncpg's pool
+        does on release. Left in place, the next borrower's ``add_listener``
+        on the same channel would find it and send no ``LISTEN`` (it would
+        never be notified), and the previous borrower's callbacks would get
+        the next one's notifications and notices.
         """
         await conn.execute(_RESET_SESSION)
+        for name in ("_listeners", "_log_listeners"):  # private: guarded
+            callbacks = getattr(conn, name, None)
+            if callbacks is not None:
+                callbacks.clear()
 
     async def ping(self, conn: Connection) -> None:
         # execute() without arguments uses the simple query protocol: one

@@ -4,7 +4,10 @@ It runs whenever the pool is open, lazily opened included, in a task the pool
 owns: on asyncio a task the pool holds, cancels and awaits at ``disconnect()``;
 on trio a system task. Neither the acquire nor the release path pays for it.
 A process that ends without ``disconnect()`` ends it quietly: the event loop
-cancels it like any other task, and nothing is left to complain.
+cancels it like any other task (asyncio.run() cancels every task left; trio
+cancels its system tasks when the main task returns), and being cancelled by
+anyone but :meth:`Upkeep.stop` it closes the pool's connections on its way
+out, so that nothing is left to complain and the next loop starts afresh.
 """
 
 from __future__ import annotations
@@ -93,7 +96,6 @@ class Upkeep:
     async def _run(self) -> None:
         scope, done = self._scope, self._done
         assert scope is not None and done is not None
-        cancelled = anyio.get_cancelled_exc_class()
         try:
             with scope:
                 async with anyio.create_task_group() as tg:
@@ -105,15 +107,14 @@ class Upkeep:
                             await self.once()
                         except Exception:  # upkeep must never take the pool down
                             logger.exception("pool upkeep failed; it will run again")
-        except cancelled:
-            if not scope.cancel_called:
-                # Not stopped by disconnect(): the event loop itself is ending
-                # (asyncio.run() cancels what is left, trio.run() its system
-                # tasks). It still runs: close every connection now, cleanly.
-                self._engine.loop_ended("The event loop this pool ran on ended")
-            raise
         finally:
             done.set()
+            if not scope.cancel_called and self._scope is scope:
+                # Not stopped by disconnect(): the event loop is ending
+                # (asyncio.run() cancels what is left, trio.run() its system
+                # tasks), or the upkeep died. No disconnect() will come: close
+                # every connection now, while the loop still runs.
+                self._engine.loop_ended("The event loop this pool ran on ended")
 
     async def _recover_all(self, tg: anyio.abc.TaskGroup) -> None:
         """Each connection handed over for recovery, in a task of its own."""
