@@ -52,13 +52,6 @@ CLEANUP_TIMEOUT: Final = 5.0
 
 _NO_SCOPE: Final = contextlib.nullcontext()
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # on trio
-        return None
-
-
 #: a connection hook: an async callable given the driver's own connection
 Hook = Callable[[Any], Awaitable[object]]
 
@@ -146,9 +139,6 @@ class Engine(Generic[C]):
         )
         self.on_open()
 
-    def new_waiter(self) -> Waiter:
-        return AsyncioWaiter(self.loop) if self.loop is not None else TrioWaiter()
-
     async def disconnect(self, grace: float) -> None:
         """Close every connection the pool ever opened, whoever holds it.
 
@@ -183,7 +173,7 @@ class Engine(Generic[C]):
         """Open on first use, and move to the caller's event loop if it is another one."""
         ledger = self.ledger
         if ledger.state is OPEN:
-            if self.loop is None or self.loop is _running_loop():
+            if self.loop is None or self.loop is _shims.running_loop():
                 return
             self._move_to_this_loop()
         import sniffio
@@ -219,10 +209,11 @@ class Engine(Generic[C]):
     async def acquire(self, wait_for: float | None) -> C:
         """The careful acquire: check a doubtful idle connection, or queue."""
         ledger = self.ledger
-        if ledger.state is not OPEN or self.loop is not None:
+        loop = self.loop
+        if ledger.state is not OPEN or (loop is not None and loop is not _shims.running_loop()):
             self.ensure_started()
         epoch = ledger.epoch
-        while True:
+        while ledger.idle:
             rec = ledger.take_for()
             if rec is None:
                 break
@@ -278,18 +269,22 @@ class Engine(Generic[C]):
         if ledger.hopeless():
             await anyio.lowlevel.checkpoint()
             raise ledger.breaker.fail_fast_error()
-        waiter = self.new_waiter()
+        loop = self.loop
+        waiter: Waiter = AsyncioWaiter(loop) if loop is not None else TrioWaiter()
         started = waiter.started = time.monotonic()
         ledger.enqueue(waiter)
         wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
-        loop = self.loop
         timer: asyncio.TimerHandle | None = None
         scope: contextlib.AbstractContextManager[Any]
-        if isinstance(waiter, AsyncioWaiter):
-            assert loop is not None
+        if loop is not None:
             deadline = waiter.deadline = loop.time() + wait  # = anyio.current_time()
             if wait_for is None and wait < math.inf:
-                ledger.deadlines.add(waiter)
+                # the pool's own timeout: they queue in deadline order, and one
+                # timer on the oldest serves them all (Deadlines.add, inlined)
+                deadlines = ledger.deadlines
+                deadlines.timed[waiter] = None  # type: ignore[index]  # asyncio's waiter
+                if deadlines.timer is None:
+                    deadlines.timer = loop.call_at(deadline, deadlines.expire_due)
             elif wait < math.inf:
                 timer = loop.call_at(deadline, waiter.expire)
             scope = _NO_SCOPE
@@ -320,7 +315,7 @@ class Engine(Generic[C]):
                                 ledger.wake_openers()
                             continue
                         breaker = ledger.breaker
-                        if breaker.backing_off():
+                        if breaker.failures and breaker.backing_off():
                             # Nothing may wake us when the back-off ends: look again
                             # then (we may be the probe).
                             with anyio.move_on_after(breaker.remaining()):
@@ -350,8 +345,8 @@ class Engine(Generic[C]):
             finally:
                 if timer is not None:
                     timer.cancel()
-                if isinstance(waiter, AsyncioWaiter):
-                    ledger.deadlines.discard(waiter)
+                if loop is not None:
+                    ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
         ledger.abandon(waiter)
         ledger.timeouts += 1
         raise _diagnosis.timeout_error(

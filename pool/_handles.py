@@ -16,10 +16,12 @@ C = TypeVar("C")
 class Acquire(Generic[C]):
     """Awaitable (then ``await db.release(conn)``), and an async context manager."""
 
-    __slots__ = ("_conn", "_engine", "_timeout")
+    __slots__ = ("_conn", "_engine", "_ledger", "_timeout")
 
     def __init__(self, engine: Engine[C], timeout: float | None) -> None:
         self._engine = engine
+        # the fast paths' owner, one attribute away: they run on every acquire
+        self._ledger = engine.ledger
         self._timeout = timeout
         self._conn: C | None = None
 
@@ -27,16 +29,15 @@ class Acquire(Generic[C]):
         return self._await().__await__()
 
     async def _await(self) -> C:
-        conn = self._engine.ledger.take_idle()  # the fast path: the user is two frames up
+        conn = self._ledger.take_idle()  # the fast path: the user is two frames up
         if conn is None:
             conn = await self._engine.acquire(self._timeout)
         return conn
 
     async def __aenter__(self) -> C:
-        engine = self._engine
-        conn = engine.ledger.take_idle()
+        conn = self._ledger.take_idle()
         if conn is None:
-            conn = await engine.acquire(self._timeout)
+            conn = await self._engine.acquire(self._timeout)
         self._conn = conn
         return conn
 
@@ -47,10 +48,9 @@ class Acquire(Generic[C]):
         tb: TracebackType | None,
     ) -> None:
         conn: Any = self._conn
-        engine = self._engine
-        if exc is None and engine.ledger.give_back(conn):
+        if exc is None and self._ledger.give_back(conn):
             return
-        await engine.release(conn, exc)
+        await self._engine.release(conn, exc)
 
 
 class Transaction(Generic[C]):

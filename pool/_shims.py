@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.lowlevel
 
-__all__ = ["checkpoint_if_cancelled_for", "current_task_for"]
+__all__ = ["checkpoint_if_cancelled_for", "current_task_for", "running_loop"]
 
 logger = logging.getLogger("pool")
 
@@ -66,3 +66,18 @@ def checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
         pass
     logger.debug("anyio's backend lookup moved; using anyio.lowlevel.checkpoint_if_cancelled")
     return anyio.lowlevel.checkpoint_if_cancelled
+
+
+def _public_running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # on trio: no asyncio loop runs
+        return None
+
+
+#: the running asyncio loop or None, without an exception when there is none.
+#: asyncio exports _get_running_loop for event loops' own use (C, ~30 ns);
+#: the public get_running_loop raises when there is none.
+running_loop: Callable[[], asyncio.AbstractEventLoop | None] = getattr(
+    asyncio, "_get_running_loop", _public_running_loop
+)
