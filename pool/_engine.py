@@ -123,6 +123,10 @@ class Engine(Generic[C]):
         #: (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
+        #: set when the pool has a meter (pool._metrics): the seconds an acquire
+        #: waited in the queue, and a connect took; the fast paths never look
+        self.record_wait: Callable[[float], None] | None = None
+        self.record_create: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------ life cycle
 
@@ -335,7 +339,10 @@ class Engine(Generic[C]):
                         waiter.rearm()  # woken to open a connection
                 if waiter.conn is not None:
                     ledger.unreserve(waiter)  # served before it began to open
-                    return ledger.accept(waiter, started)
+                    raw: C = ledger.accept(waiter, started)
+                    if self.record_wait is not None:
+                        self.record_wait(time.monotonic() - started)
+                    return raw
             except BaseException:
                 ledger.abandon(waiter)
                 raise
@@ -370,6 +377,7 @@ class Engine(Generic[C]):
         ready = False  # connected and configured
         failure: Exception | None = None
         hook_failed = False
+        connect_started = connected = 0.0
         # On asyncio the waiter has no cancel scope: this one holds its deadline.
         scope = anyio.CancelScope(deadline=deadline if self.loop is not None else math.inf)
         waiter.opening = scope
@@ -378,11 +386,13 @@ class Engine(Generic[C]):
             with scope:
                 try:
                     with anyio.fail_after(self.connect_timeout):
+                        connect_started = time.monotonic()
                         raw = await self.driver.connect()
                         if self.hooks.configure is not None:
                             hook_failed = True
                             await self.hooks.configure(raw)
                             hook_failed = False
+                    connected = time.monotonic()
                     ready = True
                     if not self.server_checked:
                         self.server_checked = True
@@ -422,6 +432,8 @@ class Engine(Generic[C]):
                 host = self.host_of(raw)
         if not ledger.open_done(raw, epoch, host):
             self.driver.terminate(raw)  # the pool was disconnected meanwhile
+        elif self.record_create is not None:
+            self.record_create(connected - connect_started)
 
     async def _check_server_ceiling(self, raw: C) -> None:
         """Once per start: warn when connection_limit alone exceeds the server's ceiling."""
