@@ -66,7 +66,8 @@ def default_name(scheme: str, driver_url: str) -> str:
     """``server.address:server.port/db.namespace``; for SQLite the file's path. No secrets."""
     parts = urlsplit(driver_url)
     if scheme == "sqlite":
-        return parts.path or ":memory:"
+        # the path as the driver opens it: sqlite:///app.db is relative, sqlite:////x absolute
+        return parts.path[1:] if parts.path.startswith("/") else parts.path or ":memory:"
     query = parse_qs(parts.query)
     hosts = parts.netloc.rpartition("@")[2] or ",".join(query.get("host", [])) or "localhost"
     port = _DEFAULT_PORTS.get(scheme)
