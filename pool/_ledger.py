@@ -303,8 +303,12 @@ class Ledger(Generic[C]):
         key = id(rec.raw)
         if rec.state is LENT and self.lent.get(key) is rec:
             del self.lent[key]
-            if self.state is OPEN and rec.epoch == self.epoch:
-                self._put(rec, time.monotonic())
+            now = time.monotonic()
+            if self.state is OPEN and rec.epoch == self.epoch and rec.expires_at <= now:
+                # marked meanwhile (a drain, a resize, a failover), or expired: never lent again
+                self._retire(rec, self._why_expired(rec, now))
+            elif self.state is OPEN and rec.epoch == self.epoch:
+                self._put(rec, now)
             else:
                 self._retire(rec, DISCONNECT)
                 self._check_drained()
@@ -668,7 +672,10 @@ class Ledger(Generic[C]):
 
     def _put(self, rec: Conn, now: float) -> None:
         """A free connection: hand it to the oldest waiter, or keep it idle."""
-        if self.size > self.limit:  # resized down: the surplus closes as it comes back
+        if self.size > self.limit and self._surplus_unmarked():
+            # Resized down: the surplus closes as it comes back. Not this one if
+            # the connections already marked to close cover the surplus: closing
+            # it too would shrink the pool below its limit, and reopen.
             self._retire(rec, rec.retire_reason or RESIZE)
             return
         waiters = self.waiters
@@ -686,6 +693,20 @@ class Ledger(Generic[C]):
             fresh = now + self.check_after
             rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
             self.idle.append(rec)
+
+    def _surplus_unmarked(self) -> bool:
+        """Resized down: is ``size - limit`` more than the connections marked to close?
+
+        O(size), and only while the pool is above its limit (after a shrink).
+        """
+        marked = 0
+        for rec in self.lent.values():
+            if rec.expires_at == -math.inf:
+                marked += 1
+        for rec in self.busy.values():
+            if rec.expires_at == -math.inf:
+                marked += 1
+        return self.size - self.limit > marked
 
     def _busy(self, rec: Conn) -> None:
         rec.state = BUSY
