@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only like-for-like peer rows (each peer set up to make this pool's round "
         "trips); by default the report has both kinds",
     )
+    parser.add_argument(
+        "--meter", action="store_true",
+        help="add pool[otel]: this pool with an OpenTelemetry SDK meter provider (an "
+        "in-memory reader), beside the plain pool; needs pip install 'pool[otel]' "
+        "opentelemetry-sdk",
+    )
     parser.add_argument("--json", metavar="FILE", help="write every raw figure to FILE")
     parser.add_argument(
         "--plot", metavar="FILE.png",
@@ -251,6 +257,7 @@ def _bench(
         w1_extras=not sqlite_default,
         styles=styles,
         peers=peers,
+        meter=bool(args.meter),
     )
     if plan.scheme not in ("postgresql", "mysql", "sqlite"):
         print(f"poolbench: unsupported database URL {shown}", file=sys.stderr)
@@ -293,7 +300,7 @@ def _bench(
         if wid in WORKLOAD_NOTES:
             results.note(WORKLOAD_NOTES[wid])
 
-    subjects, _ = subjects_for(url, styles=plan.styles, peers=plan.peers)
+    subjects, _ = subjects_for(url, styles=plan.styles, peers=plan.peers, meter=plan.meter)
     progress: Progress = Progress()
     if not args.no_progress:
         try:

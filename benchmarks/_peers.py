@@ -42,6 +42,7 @@ __all__ = [
     "PEERS",
     "Limit",
     "Ours",
+    "OursMeter",
     "OursReset",
     "READ_SQL",
     "RW_ROWS",
@@ -213,7 +214,7 @@ class Ours(Subject):
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
     ) -> None:
-        overrides: dict[str, Any] = {"connection_limit": size, **self.extra}
+        overrides: dict[str, Any] = {"connection_limit": size, **self.extra, **self._more()}
         if acquire_timeout is not None:
             overrides["pool_timeout"] = acquire_timeout
         db: pool.Pool[Any] = pool.Pool(self.url, driver=self._driver, **overrides)
@@ -223,6 +224,10 @@ class Ours(Subject):
             conns = [await db.acquire() for _ in range(size)]
             for conn in conns:
                 await db.release(conn)
+
+    def _more(self) -> dict[str, Any]:
+        """Keyword arguments built per pool (a subclass's own objects)."""
+        return {}
 
     @property
     def db(self) -> pool.Pool[Any]:
@@ -276,6 +281,48 @@ class OursReset(Ours):
     @property
     def unavailable(self) -> str | None:
         return None if supports_reset_session() else "n/a (not supported by this build)"
+
+
+class OursMeter(Ours):
+    """This engine reporting OpenTelemetry metrics: what a meter costs on acquire and release.
+
+    Each pool gets its own SDK ``MeterProvider`` with an in-memory reader (no
+    exporter: the cost measured is the recording, not the shipping).
+    """
+
+    name = "pool[otel]"
+    note = (
+        "pool[otel]: this engine with Pool(meter_provider=...), an OpenTelemetry SDK "
+        "MeterProvider read by an InMemoryMetricReader: every release records use_time, "
+        "every wait wait_time, every connect create_time."
+    )
+    modules = ("opentelemetry.sdk",)
+
+    def __init__(self, url: str, *, driver: Driver[Any] | None = None) -> None:
+        super().__init__(url, driver=driver)
+        self._provider: Any = None
+        self._reader: Any = None
+
+    @property
+    def unavailable(self) -> str | None:
+        if _missing(self.modules):
+            return "n/a (pip install 'pool[otel]' opentelemetry-sdk)"
+        return None
+
+    def _more(self) -> dict[str, Any]:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        self._reader = InMemoryMetricReader()
+        self._provider = MeterProvider(metric_readers=[self._reader])
+        return {"meter_provider": self._provider}
+
+    async def close(self) -> None:
+        await super().close()
+        if self._provider is not None:
+            provider, self._provider = self._provider, None
+            self._reader.get_metrics_data()  # one collection, as an exporter would make
+            provider.shutdown()
 
 
 # ---------------------------------------------------------------------- the physical limit
@@ -875,17 +922,24 @@ def _missing(modules: tuple[str, ...]) -> list[str]:
 
 
 def subjects_for(
-    url: str, *, styles: frozenset[str] = frozenset({"default", "lfl"}), peers: bool = True
+    url: str,
+    *,
+    styles: frozenset[str] = frozenset({"default", "lfl"}),
+    peers: bool = True,
+    meter: bool = False,
 ) -> tuple[list[Subject], dict[str, str]]:
     """This pool, the raw-connection limit and every peer for ``url``'s database.
 
     ``styles`` picks the peer rows ("default", "lfl"); ``peers=False`` keeps
     this pool and the limit alone. Returns the subjects and, for each peer
     left out, why. A subject whose ``unavailable`` is set is returned too: the
-    runner shows it as a row that says why, and does not run it.
+    runner shows it as a row that says why, and does not run it. ``meter`` adds
+    ``pool[otel]``, this pool with an OpenTelemetry meter provider.
     """
     scheme = normalise_scheme(url)
     subjects: list[Subject] = [Ours(url), Limit(url)]
+    if meter:
+        subjects.insert(1, OursMeter(url))
     if "lfl" in styles:
         subjects.insert(1, OursReset(url))
     skipped: dict[str, str] = {}

@@ -87,6 +87,8 @@ class Plan:
     styles: frozenset[str] = frozenset({"default", "lfl"})
     #: False: this pool and the limit alone
     peers: bool = True
+    #: add pool[otel]: this pool with an OpenTelemetry meter provider installed
+    meter: bool = False
 
     @property
     def scheme(self) -> str:
@@ -590,7 +592,9 @@ class _Runner:
 
 async def run(plan: Plan, results: Results, progress: Progress) -> None:
     """Run ``plan``, filling ``results``."""
-    subjects, skipped = subjects_for(plan.url, styles=plan.styles, peers=plan.peers)
+    subjects, skipped = subjects_for(
+        plan.url, styles=plan.styles, peers=plan.peers, meter=plan.meter
+    )
     results.skipped.update(skipped)
     for subject in subjects:
         applies = [w for w in plan.workloads if w in subject.applies]

@@ -18,6 +18,7 @@ from ._errors import (
     TooManyWaitersError,
 )
 from ._lifecycle import handle_signals, recommended_connection_limit, shared
+from ._metrics import instrument
 from ._pool import Pool
 from ._replicated import Replicated, ReplicatedStats
 from ._stats import PoolStats
@@ -38,13 +39,14 @@ __all__ = [
     "TooManyWaitersError",
     "default_connection_limit",
     "handle_signals",
+    "instrument",
     "recommended_connection_limit",
     "shared",
 ]
 
 for _name in (
     "Pool", "PoolConfig", "Driver", "Replicated", "default_connection_limit",
-    "handle_signals", "recommended_connection_limit", "shared",
+    "handle_signals", "instrument", "recommended_connection_limit", "shared",
 ):
     globals()[_name].__module__ = "pool"
 del _name

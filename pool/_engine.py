@@ -118,6 +118,10 @@ class Engine(Generic[C]):
         #: (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
+        #: set when the pool has a meter (pool._metrics): the seconds an acquire
+        #: waited in the queue, and a connect took; the fast paths never look
+        self.record_wait: Callable[[float], None] | None = None
+        self.record_create: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------ life cycle
 
@@ -336,6 +340,8 @@ class Engine(Generic[C]):
                     ledger.unreserve(waiter)  # served before it began to open
                     raw = ledger.accept(waiter, started)
                     if raw is not None:
+                        if self.record_wait is not None:
+                            self.record_wait(time.monotonic() - started)
                         return raw
                     # Handed a connection that a failover retired before this
                     # task ran: it was not lent; the ledger queued us again, first.
@@ -374,6 +380,7 @@ class Engine(Generic[C]):
         ready = False  # connected and configured
         failure: Exception | None = None
         hook_failed = False
+        connect_started = connected = 0.0
         # On asyncio the waiter has no cancel scope: this one holds its deadline.
         scope = anyio.CancelScope(deadline=deadline if self.loop is not None else math.inf)
         waiter.opening = scope
@@ -382,11 +389,13 @@ class Engine(Generic[C]):
             with scope:
                 try:
                     with anyio.fail_after(self.connect_timeout):
+                        connect_started = time.monotonic()
                         raw = await self.driver.connect()
                         if self.hooks.configure is not None:
                             hook_failed = True
                             await self.hooks.configure(raw)
                             hook_failed = False
+                    connected = time.monotonic()
                     ready = True
                     if not self.server_checked:
                         self.server_checked = True
@@ -426,6 +435,8 @@ class Engine(Generic[C]):
                 host = self.host_of(raw)
         if not ledger.open_done(raw, epoch, host):
             self.driver.terminate(raw)  # the pool was disconnected meanwhile
+        elif self.record_create is not None:
+            self.record_create(connected - connect_started)
 
     async def _check_server_ceiling(self, raw: C) -> None:
         """Once per start: warn when connection_limit alone exceeds the server's ceiling."""

@@ -136,6 +136,9 @@ class Ledger(Generic[C]):
         self.deadlines = Deadlines()
         self.size = 0
         self.opening = 0
+        #: lent or busy connections marked to close when next free (a drain, a
+        #: resize, a failover): a shrink closes only the surplus they leave
+        self.marked = 0
         #: I/O steps started and not yet reported (any epoch)
         self.inflight = 0
         #: the cancel scopes of in-flight I/O, for disconnect() to cut short
@@ -323,8 +326,12 @@ class Ledger(Generic[C]):
         key = id(rec.raw)
         if rec.state is LENT and self.lent.get(key) is rec:
             del self.lent[key]
-            if self.state is OPEN and rec.epoch == self.epoch:
-                self._put(rec, time.monotonic())
+            now = time.monotonic()
+            if self.state is OPEN and rec.epoch == self.epoch and rec.expires_at <= now:
+                # marked meanwhile (a drain, a resize, a failover), or expired: never lent again
+                self._retire(rec, self._why_expired(rec, now))
+            elif self.state is OPEN and rec.epoch == self.epoch:
+                self._put(rec, now)
             else:
                 self._retire(rec, DISCONNECT)
                 self._check_drained()
@@ -406,7 +413,7 @@ class Ledger(Generic[C]):
             # before now died with it: close the idle ones, the lent ones when
             # they come back.
             for rec in self.lent.values():
-                rec.expires_at = -math.inf
+                self._mark(rec, BROKEN)
             while self.idle:
                 self._retire(self.idle.pop(), BROKEN)
         self.wake_openers()
@@ -559,7 +566,9 @@ class Ledger(Generic[C]):
     def _mark(self, rec: Conn, reason: str) -> None:
         """Close ``rec`` when next free, not before (a fast release sees it expired)."""
         rec.retire_reason = rec.retire_reason or reason
-        rec.expires_at = -math.inf
+        if rec.expires_at != -math.inf:
+            rec.expires_at = -math.inf
+            self.marked += 1
 
     @staticmethod
     def _why_expired(rec: Conn, now: float) -> str:
@@ -608,6 +617,8 @@ class Ledger(Generic[C]):
             return
         del self.busy[id(rec.raw)]
         rec.state = CLOSED
+        if rec.expires_at == -math.inf and rec.epoch == self.epoch:
+            self.marked -= 1
         self.closed += 1
         self.closed_by[rec.retire_reason or DISCONNECT] += 1
         if rec.epoch == self.epoch and self.state is not CLOSED_STATE:
@@ -651,6 +662,7 @@ class Ledger(Generic[C]):
         self.epoch += 1
         self.size = 0
         self.opening = 0
+        self.marked = 0
         self.state = CLOSED_STATE
         self.deadlines.clear()
         self.drained = None
@@ -685,7 +697,7 @@ class Ledger(Generic[C]):
         self.deadlines.timer = None  # the parent's loop: never touched here
         self.scopes.clear()
         self.epoch += 1
-        self.size = self.opening = self.inflight = 0
+        self.size = self.opening = self.inflight = self.marked = 0
         self.state = CLOSED_STATE
         return kept
 
@@ -693,7 +705,10 @@ class Ledger(Generic[C]):
 
     def _put(self, rec: Conn, now: float) -> None:
         """A free connection: hand it to the oldest waiter, or keep it idle."""
-        if self.size > self.limit:  # resized down: the surplus closes as it comes back
+        if self.size - self.limit > self.marked:
+            # Resized down: the surplus closes as it comes back. Not this one if
+            # the connections already marked to close cover the surplus: closing
+            # it too would shrink the pool below its limit, and reopen.
             self._retire(rec, rec.retire_reason or RESIZE)
             return
         waiters = self.waiters
@@ -723,6 +738,8 @@ class Ledger(Generic[C]):
         self.terminate(rec.raw)
         if rec.epoch != self.epoch:
             return
+        if rec.expires_at == -math.inf:
+            self.marked -= 1
         self.closed += 1
         self.closed_by[reason] += 1
         if self.state is not CLOSED_STATE:

@@ -23,7 +23,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import anyio
 
-from . import _config, _registry
+from . import _config, _metrics, _registry
 from ._driver import Driver, load_driver
 from ._engine import Engine, Hook, Hooks
 from ._errors import ConfigError
@@ -51,6 +51,10 @@ class Pool(Generic[C]):
     Keyword overrides (``connection_limit=5``) win over the URL's parameters.
     ``driver`` plugs in an adapter of your own (any object satisfying
     :class:`pool.Driver`); the URL then only carries pool settings.
+    ``password`` is a string, or a callable (sync or async) asked at each
+    connect: a token that expires. ``meter_provider`` reports this pool as
+    OpenTelemetry metrics (see :func:`pool.instrument`), under ``name``
+    (default ``host:port/database``, or the SQLite file's path).
 
     >>> db = Pool("postgresql://app@localhost/shop?connection_limit=5")
     >>> async with db.acquire() as conn:   # the driver's own connection
@@ -67,6 +71,8 @@ class Pool(Generic[C]):
         check: Hook | None = None,
         reset: Hook | None = None,
         password: str | Callable[[], Any] | None = None,
+        meter_provider: Any = None,
+        name: str | None = None,
         **overrides: object,
     ) -> None:
         hooks = Hooks(
@@ -102,7 +108,20 @@ class Pool(Generic[C]):
         self._target = _registry.target_of(cfg.scheme, parsed.driver_url)
         self._engine.on_open = self._opened
         self._engine.on_close = self._closed
+        if name is not None and not isinstance(name, str):
+            raise ConfigError("name", type(name).__name__, "must be a str")
+        #: db.client.connection.pool.name: never the password
+        self._metrics_name: str = (
+            name if name is not None else _metrics.default_name(cfg.scheme, parsed.driver_url)
+        )
+        self._metrics: _metrics.PoolMetrics | None = None
+        self._metrics_restore: tuple[Any, Any] = (None, None)
+        self._own_meter: object = None
         _registry.built(self)
+        if meter_provider is not None:
+            _metrics.attach(self, meter_provider)
+        if _metrics.GLOBAL:
+            _metrics.attach_global(self)
 
     # ------------------------------------------------------------------ public API
 

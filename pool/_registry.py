@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 from ._config import PoolConfig
 
 __all__ = [
-    "Registered", "built", "closed", "forget_after_fork", "mark_shared", "open_pools", "opened",
-    "shared_registry", "target_of",
+    "Registered", "all_pools", "built", "closed", "forget_after_fork", "mark_shared",
+    "open_pools", "opened", "shared_registry", "target_of",
 ]
 
 logger = logging.getLogger("pool")
@@ -75,6 +75,11 @@ _shared: weakref.WeakSet[Registered] = weakref.WeakSet()
 
 def built(pool: Registered) -> None:
     _all.add(pool)
+
+
+def all_pools() -> list[Registered]:
+    """Every pool built in this process and still referenced."""
+    return list(_all)
 
 
 def mark_shared(pool: Registered) -> None:

@@ -219,6 +219,19 @@ class Replicated:
             for member in (self._primary, *self._replicas):
                 tg.start_soon(_disconnect, member, grace)
 
+    async def resize(self, connection_limit: int) -> None:
+        """:meth:`Pool.resize` on every member: each gets ``connection_limit``."""
+        limit = _config.parse_connection_limit(connection_limit)
+        async with anyio.create_task_group() as tg:
+            for member in (self._primary, *self._replicas):
+                tg.start_soon(member.resize, limit)
+
+    async def drain(self) -> None:
+        """:meth:`Pool.drain` on every member: every connection is replaced, live."""
+        async with anyio.create_task_group() as tg:
+            for member in (self._primary, *self._replicas):
+                tg.start_soon(member.drain)
+
     def on_before_exit(self, callback: Callable[[], Awaitable[object]]) -> None:
         """Run ``callback`` when the primary disconnects, before it closes."""
         self._primary.on_before_exit(callback)
