@@ -114,6 +114,8 @@ class Engine(Generic[C]):
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         self.server_checked = False
         self.upkeep = Upkeep(self)
+        #: set when the disconnect() in progress has closed everything
+        self.disconnected: anyio.Event | None = None
         #: called when the pool opens, and when it closes without disconnect()
         #: (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
@@ -153,6 +155,7 @@ class Engine(Generic[C]):
         connect returns, finding the epoch changed.
         """
         ledger = self.ledger
+        done = self.disconnected = anyio.Event()
         ledger.drained = anyio.Event()
         idle = ledger.begin_closing(
             PoolClosedError("the pool was disconnected while this call waited")
@@ -170,6 +173,14 @@ class Engine(Generic[C]):
         finally:
             ledger.finish_closing()
             self.upkeep.forget()
+            self.disconnected = None
+            done.set()
+
+    async def wait_disconnected(self) -> None:
+        """Return once the disconnect() in progress, if any, has closed everything."""
+        done = self.disconnected
+        if done is not None:
+            await done.wait()
 
     # ------------------------------------------------------------ acquire
 

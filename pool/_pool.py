@@ -291,10 +291,14 @@ class Pool(Generic[C]):
         """
         _config.check_seconds("grace", grace)
         if self._ledger.state is not OPEN:
+            # Closed, or another call is closing: return when that one has.
+            await self._engine.wait_disconnected()
             return
         await self._run_before_exit()
         if self._ledger.state is not OPEN:
-            return  # a callback disconnected us
+            # a callback (or another call) disconnected us
+            await self._engine.wait_disconnected()
+            return
         try:
             await self._engine.disconnect(grace)
         finally:

@@ -711,7 +711,15 @@ class TestExitWithoutDisconnect:
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("ok"), done.stdout
-        assert done.stderr == "", done.stderr
+        # -X dev turns on asyncio's debug mode, which reports any callback that
+        # ran over 0.1 s: on a loaded 2-core machine that is the machine, not
+        # something the pool left behind
+        noise = [
+            line
+            for line in done.stderr.splitlines()
+            if not (line.startswith("Executing <") and " took " in line)
+        ]
+        assert noise == [], done.stderr
 
     @pytest.mark.parametrize("where", ["postgres", "sqlite"])
     def test_a_shared_pool_serves_one_event_loop_after_another(

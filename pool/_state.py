@@ -1,0 +1,257 @@
+"""The ledger's state, and the small steps every part of it shares.
+
+The ledger (``_ledger.py``) is one component in three files, each of which
+reads alone: this one holds the state and the steps shared by the others
+(hand a free connection on, close one, mark one, open capacity for waiters);
+``_closing.py`` the life-cycle steps (expiry, drain, resize, failover,
+disconnect, fork); ``_ledger.py`` the lending and the returns. None of them
+awaits: every method is one synchronous step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+
+from ._breaker import Breaker
+from ._conn import BUSY, CLOSED, IDLE, LENT, Conn
+from ._waiters import Deadlines, Waiter
+
+__all__ = [
+    "BROKEN", "CHECK_FAILED", "CLOSE", "CLOSED_STATE", "CLOSE_REASONS", "CLOSING", "DISCONNECT",
+    "DRAIN", "FAILOVER", "IDLE_EXPIRY", "LIFETIME", "OPEN", "RECOVER", "RELEASED", "RESET_FAILED",
+    "RESIZE", "TIDY", "LedgerState",
+]
+
+C = TypeVar("C")
+
+# why a connection was closed, for stats().closed_by
+IDLE_EXPIRY: Final = "idle_expiry"
+LIFETIME: Final = "lifetime"
+BROKEN: Final = "broken"
+CHECK_FAILED: Final = "check_failed"
+RESET_FAILED: Final = "reset_failed"
+DRAIN: Final = "drain"
+RESIZE: Final = "resize"
+FAILOVER: Final = "failover"
+DISCONNECT: Final = "disconnect"
+CLOSE_REASONS: Final = (
+    IDLE_EXPIRY, LIFETIME, BROKEN, CHECK_FAILED, RESET_FAILED, DRAIN, RESIZE, FAILOVER, DISCONNECT,
+)
+
+OPEN: Final = "open"
+CLOSING: Final = "closing"
+CLOSED_STATE: Final = "closed"
+
+# what the slow release must do once the ledger has decided
+RELEASED: Final = 0  # nothing more: it went back (or was closed at once)
+TIDY: Final = 1  # roll back and/or reset the session, then report with tidied()
+CLOSE: Final = 2  # close gracefully, then report with close_done()
+RECOVER: Final = 3  # cancelled mid-use: the upkeep recovers it, then reports with tidied()
+
+
+
+def _no_task() -> None:
+    return None
+
+
+def _never(raw: object) -> bool:
+    return False
+
+
+def _none() -> None:
+    return None
+
+
+class LedgerState(Generic[C]):
+    """The accounting's state, and the steps shared by all of the ledger."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        is_alive: Callable[[Any], bool],
+        in_transaction: Callable[[Any], bool],
+        terminate: Callable[[Any], None],
+        lifetime: float,
+        max_idle: float,
+        check_after: float,
+        tidy_every_release: bool = False,
+        check_every_lending: bool = False,
+        can_recover: bool = False,
+    ) -> None:
+        self.limit = limit
+        self.is_alive = is_alive
+        self.in_transaction = in_transaction
+        self.terminate = terminate
+        self.lifetime = lifetime
+        self.max_idle = max_idle
+        self.check_after = check_after
+        #: a reset runs on every release (reset_session, a reset hook)
+        self.tidy_every_release = tidy_every_release
+        #: a check hook runs before every lending of an idle connection
+        self.check_every_lending = check_every_lending
+        #: the driver can bring back a connection whose holder was cancelled mid-use
+        self.can_recover = can_recover
+        if tidy_every_release:
+            # Every release needs I/O: the fast release never applies. Swapped
+            # here, once, so that the fast path of a pool without hooks pays
+            # not even a flag test for them.
+            setattr(self, "give_back", _never)  # noqa: B010
+        if check_every_lending:
+            setattr(self, "take_idle", _none)  # noqa: B010
+        self.state: str = CLOSED_STATE
+        self.epoch = 0
+        # The containers below are never replaced, only changed in place: a
+        # reference to one taken anywhere stays the live one.
+        self.idle: deque[Conn] = deque()
+        #: lent to a holder, or handed to a waiter that has not run yet; by id(raw)
+        self.lent: dict[int, Conn] = {}
+        #: in the pool's own I/O (check, rollback, graceful close); by id(raw)
+        self.busy: dict[int, Conn] = {}
+        #: closed by disconnect() while held: their holders may still release them
+        self.orphans: dict[int, Conn] = {}
+        #: FIFO of waiters (an ordered dict: O(1) removal from the middle)
+        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
+        #: the waiters not opening a connection themselves, to wake one in O(1)
+        self.sleepers: OrderedDict[Waiter, None] = OrderedDict()
+        self.deadlines = Deadlines()
+        self.size = 0
+        self.opening = 0
+        #: lent or busy connections marked to close when next free (a drain, a
+        #: resize, a failover): a shrink closes only the surplus they leave
+        self.marked = 0
+        #: I/O steps started and not yet reported (any epoch)
+        self.inflight = 0
+        #: the cancel scopes of in-flight I/O, for disconnect() to cut short
+        self.scopes: set[anyio.CancelScope] = set()
+        #: set when the last lent connection comes back during disconnect's grace
+        self.drained: anyio.Event | None = None
+        self.breaker = Breaker()
+        self.current_task: Callable[[], object] = _no_task
+        self.acquired = 0
+        self.waited = 0
+        self.timeouts = 0
+        self.wait_seconds = 0.0
+        self.opened = 0
+        self.closed = 0
+        #: closed connections by why: what an operator tunes lifetimes by
+        self.closed_by: Counter[str] = Counter()
+        self.connect_failures = 0
+
+    # ------------------------------------------------------------ shared steps
+
+    def _put(self, rec: Conn, now: float) -> None:
+        """A free connection: hand it to the oldest waiter, or keep it idle."""
+        if self.size - self.limit > self.marked:
+            # Resized down: the surplus closes as it comes back. Not this one if
+            # the connections already marked to close cover the surplus: closing
+            # it too would shrink the pool below its limit, and reopen.
+            self._retire(rec, rec.retire_reason or RESIZE)
+            return
+        waiters = self.waiters
+        if waiters:
+            waiter, _ = waiters.popitem(last=False)
+            self.sleepers.pop(waiter, None)
+            rec.state = LENT
+            rec.lent_at = now
+            self.lent[id(rec.raw)] = rec
+            waiter.conn = rec
+            waiter.wake()
+        else:
+            rec.state = IDLE
+            rec.idle_since = now
+            fresh = now + self.check_after
+            rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
+            self.idle.append(rec)
+
+    def _busy(self, rec: Conn) -> None:
+        rec.state = BUSY
+        self.busy[id(rec.raw)] = rec
+        self.inflight += 1
+
+    def _retire(self, rec: Conn, reason: str) -> None:
+        """Close a connection that must not be lent again, at once. O(1)."""
+        rec.state = CLOSED
+        self.terminate(rec.raw)
+        if rec.epoch != self.epoch:
+            return
+        if rec.expires_at == -math.inf:
+            self.marked -= 1
+        self.closed += 1
+        self.closed_by[reason] += 1
+        if self.state is not CLOSED_STATE:
+            self.size -= 1
+            self.wake_openers()
+
+    def _io_done(self) -> None:
+        self.inflight -= 1
+
+    def _check_drained(self) -> None:
+        if not self.lent and self.drained is not None:
+            self.drained.set()
+
+    def _mark(self, rec: Conn, reason: str) -> None:
+        """Close ``rec`` when next free, not before (a fast release sees it expired)."""
+        rec.retire_reason = rec.retire_reason or reason
+        if rec.expires_at != -math.inf:
+            rec.expires_at = -math.inf
+            self.marked += 1
+
+    @staticmethod
+    def _why_expired(rec: Conn, now: float) -> str:
+        if rec.retire_reason:
+            return rec.retire_reason
+        if now >= rec.expires_at:
+            return LIFETIME
+        return IDLE_EXPIRY
+
+    def may_open(self) -> bool:
+        """Is there spare capacity, and demand not yet covered by an opening?"""
+        if self.size >= self.limit or self.opening >= len(self.waiters):
+            return False
+        if self.breaker.failures:
+            # The breaker is open: after the back-off, exactly one probe at a time.
+            return self.opening == 0 and time.monotonic() >= self.breaker.until
+        # Slow start: no more openings in flight than connections already open
+        # (at least one), so growth doubles per connect round trip. A spike of
+        # quick queries is served by the first connections instead of opening
+        # the whole limit; HikariCP and psycopg_pool open one at a time.
+        return self.opening < max(1, self.size - self.opening)
+
+    def reserve(self, waiter: Waiter) -> None:
+        self.size += 1
+        self.opening += 1
+        waiter.reserved = self.epoch
+
+    def wake_openers(self) -> None:
+        """Capacity freed up while callers sleep: wake some to open connections."""
+        while self.sleepers and self.may_open():
+            waiter, _ = self.sleepers.popitem(last=True)
+            self.reserve(waiter)
+            waiter.wake()
+        if self.waiters and self.hopeless():
+            self.fail_waiters(self.breaker.fail_fast_error())
+
+    def hopeless(self) -> bool:
+        """Connects keep failing and no connection is out to come back: fail fast."""
+        return (
+            self.breaker.failures > 0
+            and not self.lent
+            and not self.idle
+            and not self.busy
+            and self.opening == 0
+            and time.monotonic() < self.breaker.until
+        )
+
+    def fail_waiters(self, error: BaseException) -> None:
+        for waiter in self.waiters:
+            waiter.error = error
+            waiter.wake()
+        self.waiters.clear()
+        self.sleepers.clear()
