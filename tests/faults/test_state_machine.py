@@ -72,7 +72,7 @@ from hypothesis.stateful import (
 )
 
 import pool
-from pool import _breaker, _closing, _diagnosis, _engine, _ledger, _state
+from pool import _acquiring, _breaker, _closing, _diagnosis, _ledger, _state
 from pool._conn import LENT
 from pool._state import CLOSED_STATE
 
@@ -619,7 +619,7 @@ class TestStateMachine:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setattr(_ledger, "time", CLOCK)  # the engine's time.monotonic()
-        for module in (_breaker, _closing, _diagnosis, _engine, _state):
+        for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
             monkeypatch.setattr(module, "time", CLOCK)
         run_state_machine_as_test(
             PoolMachine,

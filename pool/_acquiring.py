@@ -1,0 +1,367 @@
+"""The engine's state, and its acquire side: checking, waiting, opening.
+
+Part of the engine (``_engine.py`` adds the life cycle and the release side).
+Nothing here decides who gets which connection: each step is a call into the
+ledger, and each I/O step reports back to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+from . import _diagnosis, _shims
+from ._config import PoolConfig
+from ._conn import LENT, Conn
+from ._driver import Driver
+from ._errors import PoolClosedError, TooManyWaitersError
+from ._ledger import (
+    OPEN,
+    Ledger,
+)
+from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
+
+__all__ = ["CLEANUP_TIMEOUT", "Acquiring", "Hook", "Hooks"]
+
+logger = logging.getLogger("pool")
+
+C = TypeVar("C")
+
+#: how long clean-up (a rollback, a graceful close) may take before we give up
+#: and drop the socket; it runs shielded, so it must be bounded
+CLEANUP_TIMEOUT: Final = 5.0
+
+_NO_SCOPE: Final = contextlib.nullcontext()
+
+#: a connection hook: an async callable given the driver's own connection
+Hook = Callable[[Any], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """psycopg_pool's names: on each new connection, before each lending, on each release."""
+
+    configure: Hook | None = None
+    check: Hook | None = None
+    reset: Hook | None = None
+
+
+class Acquiring(Generic[C]):
+    """The engine's state, and the careful acquire."""
+
+    def __init__(
+        self, driver: Driver[C], config: PoolConfig, secrets: tuple[str, ...], hooks: Hooks
+    ) -> None:
+        self.driver = driver
+        self.config = config
+        self.secrets = secrets
+        self.hooks = hooks
+        self.recover: Callable[[Any], Awaitable[None]] | None = getattr(driver, "recover", None)
+        self.reset_session: Callable[[Any], Awaitable[None]] | None = (
+            getattr(driver, "reset_session", None) if config.reset_session else None
+        )
+        self.ledger: Ledger[C] = Ledger(
+            limit=config.connection_limit,
+            is_alive=driver.is_alive,
+            in_transaction=driver.in_transaction,
+            terminate=driver.terminate,
+            lifetime=config.max_connection_lifetime or math.inf,
+            max_idle=config.max_idle_connection_lifetime or math.inf,
+            check_after=config.health_check_after,
+            tidy_every_release=config.reset_session or hooks.reset is not None,
+            check_every_lending=hooks.check is not None,
+            can_recover=self.recover is not None,
+        )
+        self.wait_timeout = config.pool_timeout or math.inf
+        self.io_timeout = config.connect_timeout or CLEANUP_TIMEOUT
+        # A multi-host URL tries each host within connect_timeout: the whole
+        # connect may take that long per host.
+        hosts = len(getattr(driver, "hosts", ()) or ()) or 1
+        self.connect_timeout = (config.connect_timeout or math.inf) * hosts
+        # Failover awareness, where the driver offers it: which server a
+        # connection is on, and whether an error says that server is read-only.
+        self.host_of: Callable[[Any], str] | None = getattr(driver, "host_of", None)
+        self.is_broken_error: Callable[[BaseException], bool] | None = getattr(
+            driver, "is_broken_error", None
+        )
+        wants_primary = getattr(driver, "wants_primary", False)
+        self.is_read_only_error: Callable[[BaseException], bool] | None = (
+            getattr(driver, "is_read_only_error", None) if wants_primary else None
+        )
+        self.is_disconnect_error: Callable[[BaseException], bool] | None = (
+            getattr(driver, "is_disconnect_error", None) if wants_primary else None
+        )
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
+        self.server_checked = False
+        #: set when the disconnect() in progress has closed everything
+        self.disconnected: anyio.Event | None = None
+        #: called when the pool opens, and when it closes without disconnect()
+        #: (the registry counts it)
+        self.on_open: Callable[[], None] = lambda: None
+        self.on_close: Callable[[], None] = lambda: None
+        #: set when the pool has a meter (pool._metrics): the seconds an acquire
+        #: waited in the queue, and a connect took; the fast paths never look
+        self.record_wait: Callable[[float], None] | None = None
+        self.record_create: Callable[[float], None] | None = None
+
+    def ensure_started(self) -> None:
+        """Open on first use (the life cycle's: see :class:`~pool._engine.Engine`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ acquire
+
+    async def acquire(self, wait_for: float | None) -> C:
+        """The careful acquire: check a doubtful idle connection, or queue."""
+        ledger = self.ledger
+        loop = self.loop
+        if ledger.state is not OPEN or (loop is not None and loop is not _shims.running_loop()):
+            self.ensure_started()
+        epoch = ledger.epoch
+        while ledger.idle:
+            rec = ledger.take_for()
+            if rec is None:
+                break
+            if rec.state is LENT:
+                raw: C = rec.raw
+                return raw
+            if await self._check(rec):
+                raw = rec.raw
+                return raw
+            if ledger.epoch != epoch or ledger.state is not OPEN:
+                raise PoolClosedError("the pool was disconnected while this call waited")
+        return await self._wait(wait_for)
+
+    async def _check(self, rec: Conn) -> bool:
+        """Check an idle connection before lending it. True: it is now lent to the caller.
+
+        A ping if it sat idle a while, then the ``check`` hook if there is one,
+        all within ``connect_timeout``.
+        """
+        ledger = self.ledger
+        ok = False
+        scope = anyio.CancelScope()
+        ledger.scopes.add(scope)
+        try:
+            with scope, anyio.fail_after(self.io_timeout):
+                if time.monotonic() - rec.idle_since >= ledger.check_after:
+                    await self.driver.ping(rec.raw)
+                if self.hooks.check is not None:
+                    await self.hooks.check(rec.raw)
+                ok = True
+        except Exception:
+            # A dead connection (or one the check refused) is not the caller's
+            # problem: it is closed, and another one tried.
+            logger.debug("an idle connection failed its check; closing it", exc_info=True)
+        except BaseException:
+            ledger.check_done(rec, False)  # cancelled mid-check: its state is unknown
+            raise
+        finally:
+            ledger.scopes.discard(scope)
+        return ledger.check_done(rec, ok)
+
+    async def _wait(self, wait_for: float | None) -> C:
+        ledger = self.ledger
+        max_waiting = self.config.max_waiting
+        if max_waiting and len(ledger.waiters) >= max_waiting:
+            # Even a refusal yields once: a caller that retries in a loop must not
+            # starve the other tasks of the event loop.
+            await anyio.lowlevel.checkpoint()
+            raise TooManyWaitersError(
+                f"{len(ledger.waiters)} callers already wait for a connection "
+                f"(max_waiting={max_waiting}); not queueing another"
+            )
+        if ledger.hopeless():
+            await anyio.lowlevel.checkpoint()
+            raise ledger.breaker.fail_fast_error()
+        loop = self.loop
+        waiter: Waiter = AsyncioWaiter(loop) if loop is not None else TrioWaiter()
+        started = waiter.started = time.monotonic()
+        ledger.enqueue(waiter)
+        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
+        timer: asyncio.TimerHandle | None = None
+        scope: contextlib.AbstractContextManager[Any]
+        if loop is not None:
+            deadline = waiter.deadline = loop.time() + wait  # = anyio.current_time()
+            if wait_for is None and wait < math.inf:
+                # the pool's own timeout: they queue in deadline order, and one
+                # timer on the oldest serves them all (Deadlines.add, inlined)
+                deadlines = ledger.deadlines
+                deadlines.timed[waiter] = None  # type: ignore[index]  # asyncio's waiter
+                if deadlines.timer is None:
+                    deadlines.timer = loop.call_at(deadline, deadlines.expire_due)
+            elif wait < math.inf:
+                timer = loop.call_at(deadline, waiter.expire)
+            scope = _NO_SCOPE
+        else:
+            deadline = anyio.current_time() + wait
+            scope = anyio.CancelScope(deadline=deadline)
+        with scope:
+            try:
+                while True:
+                    while waiter.conn is None:
+                        if waiter.error is not None:
+                            raise waiter.error
+                        if waiter.timed_out:
+                            break
+                        if waiter.reserved >= 0:
+                            await self._open(waiter, deadline)
+                            if (
+                                waiter.conn is None
+                                and waiter.error is None
+                                and not waiter.timed_out
+                                and waiter in ledger.waiters
+                            ):
+                                # Its new connection went to an older waiter (or the
+                                # opening was abandoned): it waits again, and may be
+                                # woken to open again when capacity frees up.
+                                waiter.rearm()
+                                ledger.sleepers[waiter] = None
+                                ledger.wake_openers()
+                            continue
+                        breaker = ledger.breaker
+                        if breaker.failures and breaker.backing_off():
+                            # Nothing may wake us when the back-off ends: look again
+                            # then (we may be the probe).
+                            with anyio.move_on_after(breaker.remaining()):
+                                await waiter.wait()
+                            if not waiter.woken():
+                                ledger.wake_openers()
+                                continue
+                        else:
+                            await waiter.wait()
+                        if waiter.conn is not None:
+                            # Cancelled as it was handed the connection? Then it must
+                            # pass it on (in the except below), not carry it away.
+                            await self.checkpoint_if_cancelled()
+                        elif waiter.error is None and not waiter.timed_out:
+                            waiter.rearm()  # woken to open a connection
+                    if waiter.conn is None:
+                        break  # timed out
+                    ledger.unreserve(waiter)  # served before it began to open
+                    raw = ledger.accept(waiter, started)
+                    if raw is not None:
+                        if self.record_wait is not None:
+                            self.record_wait(time.monotonic() - started)
+                        return raw
+                    # Handed a connection that a failover retired before this
+                    # task ran: it was not lent; the ledger queued us again, first.
+            except BaseException:
+                ledger.abandon(waiter)
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if loop is not None:
+                    ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
+        ledger.abandon(waiter)
+        ledger.timeouts += 1
+        raise _diagnosis.timeout_error(
+            wait,
+            limit=ledger.limit,
+            in_use=len(ledger.lent),
+            idle=len(ledger.idle),
+            opening=ledger.opening,
+            waiting=len(ledger.waiters),
+            lent=ledger.lent.values(),
+        )
+
+    async def _open(self, waiter: Waiter, deadline: float) -> None:
+        """Open a connection on the capacity reserved for ``waiter``.
+
+        The new connection goes to the oldest waiter, which may be another one.
+        If ``waiter`` is served by a released connection first, the opening is
+        abandoned: the queue drains faster than a connection opens. That is
+        what bounds growth on a spike of quick requests.
+        """
+        ledger = self.ledger
+        epoch = ledger.begin_open(waiter)
+        began = time.monotonic()
+        raw: C | None = None
+        ready = False  # connected and configured
+        failure: Exception | None = None
+        hook_failed = False
+        connect_started = connected = 0.0
+        # On asyncio the waiter has no cancel scope: this one holds its deadline.
+        scope = anyio.CancelScope(deadline=deadline if self.loop is not None else math.inf)
+        waiter.opening = scope
+        ledger.scopes.add(scope)
+        try:
+            with scope:
+                try:
+                    with anyio.fail_after(self.connect_timeout):
+                        connect_started = time.monotonic()
+                        raw = await self.driver.connect()
+                        if self.hooks.configure is not None:
+                            hook_failed = True
+                            await self.hooks.configure(raw)
+                            hook_failed = False
+                    connected = time.monotonic()
+                    ready = True
+                    if not self.server_checked:
+                        self.server_checked = True
+                        await self._check_server_ceiling(raw)
+                except Exception as exc:
+                    failure = exc
+        except BaseException:
+            # the caller was cancelled (on trio: or its deadline passed)
+            if raw is not None:
+                self.driver.terminate(raw)
+            ledger.open_failed(epoch, None)
+            raise
+        finally:
+            waiter.opening = None
+            ledger.scopes.discard(scope)
+        if not ready:
+            if raw is not None:
+                self.driver.terminate(raw)  # half set up: never lent
+            if failure is None:  # abandoned: served first, pool closing, or its deadline
+                ledger.open_failed(epoch, None)
+                if self.loop is not None and self.loop.time() >= deadline:
+                    waiter.timed_out = True
+                return
+            error = _diagnosis.connect_error(
+                failure,
+                url=self.config.url,
+                scheme=self.config.scheme,
+                secrets=self.secrets,
+                during="the configure hook" if hook_failed else None,
+            )
+            ledger.open_failed(epoch, error, began)
+            raise error from failure
+        assert raw is not None
+        host = ""
+        if self.host_of is not None:
+            with contextlib.suppress(Exception):
+                host = self.host_of(raw)
+        if not ledger.open_done(raw, epoch, host):
+            self.driver.terminate(raw)  # the pool was disconnected meanwhile
+        elif self.record_create is not None:
+            self.record_create(connected - connect_started)
+
+    async def _check_server_ceiling(self, raw: C) -> None:
+        """Once per start: warn when connection_limit alone exceeds the server's ceiling."""
+        try:
+            with anyio.fail_after(CLEANUP_TIMEOUT):
+                ceiling = await self.driver.server_max_connections(raw)
+        except Exception:
+            logger.debug("could not read the server's max_connections", exc_info=True)
+            return
+        limit = self.ledger.limit
+        if ceiling is not None and limit > ceiling:
+            logger.warning(
+                "connection_limit=%d exceeds the server's max_connections=%d: "
+                "the pool can never reach its limit, and will starve other clients. "
+                "See pool.recommended_connection_limit().",
+                limit,
+                ceiling,
+            )
