@@ -118,6 +118,11 @@ class Acquiring(Generic[C]):
         """Open on first use (the life cycle's: see :class:`~pool._engine.Engine`)."""
         raise NotImplementedError
 
+    def now(self) -> float:
+        """The event loop's clock (a cancel scope's deadline is on it): cheap on asyncio."""
+        loop = self.loop
+        return loop.time() if loop is not None else anyio.current_time()
+
     # ------------------------------------------------------------ acquire
 
     async def acquire(self, wait_for: float | None) -> C:
@@ -149,10 +154,11 @@ class Acquiring(Generic[C]):
         """
         ledger = self.ledger
         ok = False
-        scope = anyio.CancelScope()
+        # bounded, and known to the ledger so that disconnect() can cut it short
+        scope = anyio.CancelScope(deadline=self.now() + self.io_timeout)
         ledger.scopes.add(scope)
         try:
-            with scope, anyio.fail_after(self.io_timeout):
+            with scope:
                 if time.monotonic() - rec.idle_since >= ledger.check_after:
                     await self.driver.ping(rec.raw)
                 if self.hooks.check is not None:
