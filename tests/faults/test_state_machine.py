@@ -508,6 +508,37 @@ class PoolMachine(RuleBasedStateMachine):
         data.draw(st.sampled_from(live)).killed = True
         self.step()
 
+    @precondition(lambda self: any(not rec.raw.killed for rec in self.ledger.idle))
+    @rule(data=st.data())
+    def kill_an_idle_connection(self, data: st.DataObject) -> None:
+        """The server drops a connection that sits idle: while another is being checked,
+        the upkeep then takes it out of the idle set (what once left an acquire holding
+        a stale idle set, and lent one connection twice)."""
+        idle = [rec.raw for rec in self.ledger.idle if not rec.raw.killed]
+        data.draw(st.sampled_from(idle)).killed = True
+        self.step()
+
+    @precondition(
+        lambda self: len(self.ledger.idle) >= 2
+        and not self.ledger.waiters
+        and self.room_for_a_client()
+    )
+    @rule(victim=st.integers(min_value=0, max_value=7))
+    def check_one_while_the_upkeep_drops_another(self, victim: int) -> None:
+        """The interleaving a failover produces, in one step: idle connections go
+        stale, a caller takes the newest and checks it (the check parks), the
+        server drops another idle one, and the upkeep runs. What happens to the
+        parked check (released, failed, cancelled, cut short) is left to the
+        other rules."""
+        CLOCK.now += 0.02  # past health_check_after: an acquire checks first
+        self.step()
+        self.spawn(None)  # its ping parks
+        idle = [rec.raw for rec in self.ledger.idle if not rec.raw.killed]
+        if idle:
+            idle[victim % len(idle)].killed = True
+            self.step()
+        self.maintenance()
+
     @rule(data=st.data(), grace=st.sampled_from([0.0, 0.1]), as_io_ends=st.booleans())
     def disconnect(self, data: st.DataObject, grace: float, as_io_ends: bool) -> None:
         """disconnect() in a task of its own: it may park on closes, and overlap anything.
@@ -632,3 +663,51 @@ class TestStateMachine:
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
             ),
         )
+
+
+class _First:
+    """A stand-in for Hypothesis' ``data``: draws the first choice, always."""
+
+    def draw(self, strategy: Any) -> Any:
+        return next(iter(strategy.elements))
+
+
+class TestReplays:
+    """Interleavings that random search reaches too rarely, replayed step by step
+    through the same model and its invariants."""
+
+    def test_a_check_fails_while_the_upkeep_dropped_another_idle_connection(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # What once lent one connection twice: an acquire held a reference to
+        # the idle set across its check, the upkeep replaced the set, and the
+        # failed check sent the acquire back to the stale one.
+        monkeypatch.setattr(_ledger, "time", CLOCK)
+        for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
+            monkeypatch.setattr(module, "time", CLOCK)
+        machine = PoolMachine()
+        first = _First()
+
+        def check() -> None:
+            machine.no_violation_seen()
+            machine.the_counts_add_up()
+            machine.no_connection_is_lent_twice_or_leaked()
+            machine.no_waiter_is_stranded()
+
+        try:
+            for _ in range(2):  # two connections: the second opens while the first is held
+                machine.acquire()
+                machine.release_every_parked_op()
+                check()
+            for _ in range(2):
+                machine.release(first, False)  # type: ignore[arg-type]
+                check()
+            assert len(machine.ledger.idle) == 2
+            machine.check_one_while_the_upkeep_drops_another(0)
+            check()
+            (ping,) = [op for op in machine.driver.parked if op.kind == "ping"]
+            machine.driver.finish(ping, ConnectionResetError("the server went away"))
+            machine.step()
+            check()
+        finally:
+            machine.teardown()
