@@ -28,6 +28,7 @@ from ._ledger import (
     OPEN,
     Ledger,
 )
+from ._metrics import PoolMetrics
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
 
 __all__ = ["CLEANUP_TIMEOUT", "Acquiring", "Hook", "Hooks"]
@@ -103,6 +104,12 @@ class Acquiring(Generic[C]):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         self.server_checked = False
+        # OpenTelemetry, when installed for this pool (see _metrics.py): its
+        # name, its instruments, and the ledger's own methods it swapped out
+        self.metrics_name = ""
+        self.metrics: PoolMetrics | None = None
+        self.metrics_restore: tuple[Any, Any] = (None, None)
+        self.own_meter: object = None
         #: set when the disconnect() in progress has closed everything
         self.disconnected: anyio.Event | None = None
         #: called when the pool opens, and when it closes without disconnect()

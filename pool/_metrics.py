@@ -36,17 +36,17 @@ from __future__ import annotations
 import importlib.metadata
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._engine import Engine
 
 __all__ = [
-    "GLOBAL", "PoolMetrics", "attach", "attach_global", "default_name", "instrument",
+    "GLOBAL", "PoolMetrics", "built", "default_name", "instrument",
     "uninstrument",
 ]
 
@@ -91,21 +91,21 @@ class _Instruments:
         from opentelemetry.metrics import CallbackOptions, Observation
 
         self.provider = provider
-        self.pools: weakref.WeakSet[Pool[Any]] = weakref.WeakSet()
+        self.pools: weakref.WeakSet[Engine[Any]] = weakref.WeakSet()
         meter = provider.get_meter("pool", _version())
         self._observation = Observation
 
         def observe(read: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterator[Any]]:
             def callback(options: CallbackOptions) -> Iterator[Any]:
-                for db in list(self.pools):
-                    yield Observation(read(db._ledger), db._metrics.attributes)  # type: ignore[union-attr]
+                for engine in list(self.pools):
+                    yield Observation(read(engine.ledger), engine.metrics.attributes)  # type: ignore[union-attr]
 
             return callback
 
         def count(options: CallbackOptions) -> Iterator[Any]:
-            for db in list(self.pools):
-                ledger = db._ledger
-                attrs = db._metrics.attributes  # type: ignore[union-attr]
+            for engine in list(self.pools):
+                ledger = engine.ledger
+                attrs = engine.metrics.attributes  # type: ignore[union-attr]
                 yield Observation(len(ledger.idle), {**attrs, STATE: "idle"})
                 yield Observation(len(ledger.lent) + len(ledger.busy), {**attrs, STATE: "used"})
 
@@ -194,13 +194,13 @@ class PoolMetrics:
             ins.use_time.record(seconds, self.attributes)
 
 
-def _install(db: Pool[Any]) -> PoolMetrics:
+def _install(engine: Engine[Any]) -> PoolMetrics:
     """Swap the pool's release paths for recording ones (once per pool)."""
-    metrics = db._metrics
+    metrics = engine.metrics
     if metrics is not None:
         return metrics
-    metrics = db._metrics = PoolMetrics(db._metrics_name)
-    engine, ledger = db._engine, db._ledger
+    metrics = engine.metrics = PoolMetrics(engine.metrics_name)
+    ledger = engine.ledger
     engine.record_wait = metrics.wait
     engine.record_create = metrics.create
     lent = ledger.lent
@@ -228,24 +228,24 @@ def _install(db: Pool[Any]) -> PoolMetrics:
 
     ledger.give_back = give_back_recorded  # type: ignore[method-assign]
     ledger.release = release_recorded  # type: ignore[method-assign]
-    db._metrics_restore = (give_back, release)
+    engine.metrics_restore = (give_back, release)
     return metrics
 
 
-def _uninstall(db: Pool[Any]) -> None:
+def _uninstall(engine: Engine[Any]) -> None:
     """No meter left: the pool runs its uninstrumented code again."""
-    if db._metrics is None or db._metrics.sets:
+    if engine.metrics is None or engine.metrics.sets:
         return
-    give_back, release = db._metrics_restore
-    ledger = db._ledger
+    give_back, release = engine.metrics_restore
+    ledger = engine.ledger
     for attr, original in (("give_back", give_back), ("release", release)):
         if getattr(original, "__self__", None) is ledger:
             delattr(ledger, attr)  # the class's own method again
         else:
             setattr(ledger, attr, original)  # what the ledger had swapped in itself
-    db._engine.record_wait = None
-    db._engine.record_create = None
-    db._metrics = None
+    engine.record_wait = None
+    engine.record_create = None
+    engine.metrics = None
 
 
 # ---------------------------------------------------------------------- the process's meters
@@ -278,24 +278,27 @@ def _missing() -> ConfigError:
     )
 
 
-def _attach_set(db: Pool[Any], ins: _Instruments) -> None:
-    metrics = _install(db)
+#: every pool's engine, so that instrument() reaches the pools built before it
+_ENGINES: weakref.WeakSet[Engine[Any]] = weakref.WeakSet()
+
+
+def _attach_set(engine: Engine[Any], ins: _Instruments) -> None:
+    metrics = _install(engine)
     if ins not in metrics.sets:
         metrics.sets.append(ins)
-    ins.pools.add(db)
+    ins.pools.add(engine)
 
 
-def attach(db: Pool[Any], meter_provider: Any) -> None:
-    """``Pool(..., meter_provider=mp)``: instrument this pool for ``mp``."""
-    ins = _instruments_for(meter_provider)
-    db._own_meter = ins
-    _attach_set(db, ins)
-
-
-def attach_global(db: Pool[Any]) -> None:
-    """A new pool: instrument it for every provider given to :func:`instrument`."""
+def built(engine: Engine[Any], meter_provider: Any) -> None:
+    """A new pool: instrument it for ``Pool(..., meter_provider=mp)`` and for
+    every provider given to :func:`instrument`. Costs nothing when there is none."""
+    _ENGINES.add(engine)
+    if meter_provider is not None:
+        ins = _instruments_for(meter_provider)
+        engine.own_meter = ins
+        _attach_set(engine, ins)
     for ins in GLOBAL:
-        _attach_set(db, ins)
+        _attach_set(engine, ins)
 
 
 def instrument(meter_provider: Any = None) -> None:
@@ -310,32 +313,23 @@ def instrument(meter_provider: Any = None) -> None:
     again with the same provider does nothing. Needs ``pip install 'pool[otel]'``
     (``opentelemetry-api``); a pool that is not instrumented pays nothing.
     """
-    from . import _registry
-
     ins = _instruments_for(meter_provider)
     if ins not in GLOBAL:
         GLOBAL.append(ins)
-    for db in _pools(_registry.all_pools()):
-        _attach_set(db, ins)
+    for engine in list(_ENGINES):
+        _attach_set(engine, ins)
 
 
 def uninstrument(meter_provider: Any = None) -> None:
     """Undo :func:`instrument` (every provider when None); pools given their own keep it."""
-    from . import _registry
-
     drop = list(GLOBAL) if meter_provider is None else [
         ins for ins in GLOBAL if ins.provider is meter_provider
     ]
     for ins in drop:
         GLOBAL.remove(ins)
-        for db in _pools(_registry.all_pools()):
-            if db._metrics is not None and ins in db._metrics.sets and db._own_meter is not ins:
-                db._metrics.sets.remove(ins)
-                ins.pools.discard(db)
-                _uninstall(db)
-
-
-def _pools(pools: Iterable[Any]) -> list[Pool[Any]]:
-    from ._pool import Pool
-
-    return [db for db in pools if isinstance(db, Pool)]
+        for engine in list(_ENGINES):
+            metrics = engine.metrics
+            if metrics is not None and ins in metrics.sets and engine.own_meter is not ins:
+                metrics.sets.remove(ins)
+                ins.pools.discard(engine)
+                _uninstall(engine)

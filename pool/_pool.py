@@ -111,17 +111,11 @@ class Pool(Generic[C]):
         if name is not None and not isinstance(name, str):
             raise ConfigError("name", type(name).__name__, "must be a str")
         #: db.client.connection.pool.name: never the password
-        self._metrics_name: str = (
+        self._engine.metrics_name = (
             name if name is not None else _metrics.default_name(cfg.scheme, parsed.driver_url)
         )
-        self._metrics: _metrics.PoolMetrics | None = None
-        self._metrics_restore: tuple[Any, Any] = (None, None)
-        self._own_meter: object = None
         _registry.built(self)
-        if meter_provider is not None:
-            _metrics.attach(self, meter_provider)
-        if _metrics.GLOBAL:
-            _metrics.attach_global(self)
+        _metrics.built(self._engine, meter_provider)
 
     # ------------------------------------------------------------------ public API
 

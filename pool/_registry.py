@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from ._config import PoolConfig
 
 __all__ = [
-    "Registered", "all_pools", "built", "closed", "forget_after_fork", "mark_shared",
+    "Registered", "built", "closed", "forget_after_fork", "mark_shared",
     "open_pools", "opened", "shared_registry", "target_of",
 ]
 
@@ -75,11 +75,6 @@ _shared: weakref.WeakSet[Registered] = weakref.WeakSet()
 
 def built(pool: Registered) -> None:
     _all.add(pool)
-
-
-def all_pools() -> list[Registered]:
-    """Every pool built in this process and still referenced."""
-    return list(_all)
 
 
 def mark_shared(pool: Registered) -> None:

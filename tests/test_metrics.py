@@ -250,7 +250,7 @@ async def test_an_uninstrumented_pool_runs_the_plain_code() -> None:
     assert "give_back" not in vars(db._ledger) and "take_idle" not in vars(db._ledger)
     assert type(db._ledger).give_back is Ledger.give_back
     assert db._engine.record_wait is None and db._engine.record_create is None
-    assert db._metrics is None
+    assert db._engine.metrics is None
 
 
 async def test_a_reset_hook_pool_keeps_its_slow_release_and_records_it(
@@ -286,10 +286,10 @@ async def test_pool_names_never_hold_the_password(seen: Callable[[object], None]
     }
     for url, name in cases.items():
         db: pool.Pool[Any] = pool.Pool(url)
-        seen(db._metrics_name)
-        assert db._metrics_name == name, url
-        assert "s3cr3t" not in db._metrics_name
-    assert pool.Pool("sqlite:///:memory:", name="cache")._metrics_name == "cache"
+        seen(db._engine.metrics_name)
+        assert db._engine.metrics_name == name, url
+        assert "s3cr3t" not in db._engine.metrics_name
+    assert pool.Pool("sqlite:///:memory:", name="cache")._engine.metrics_name == "cache"
     with pytest.raises(pool.ConfigError):
         pool.Pool("sqlite:///:memory:", name=3)  # type: ignore[arg-type]
 
