@@ -711,3 +711,43 @@ class TestReplays:
             check()
         finally:
             machine.teardown()
+
+    @pytest.mark.parametrize("ping_ok", [True, False])
+    def test_a_disconnect_lands_while_a_check_is_parked(
+        self, monkeypatch: pytest.MonkeyPatch, ping_ok: bool
+    ) -> None:
+        # What once wedged the pool for good: the check's acquire went on into
+        # the closed pool and its reservation was never undone.
+        monkeypatch.setattr(_ledger, "time", CLOCK)
+        for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
+            monkeypatch.setattr(module, "time", CLOCK)
+        machine = PoolMachine()
+        first = _First()
+
+        def check() -> None:
+            machine.no_violation_seen()
+            machine.the_counts_add_up()
+            machine.no_connection_is_lent_twice_or_leaked()
+            machine.no_waiter_is_stranded()
+
+        try:
+            machine.acquire()
+            machine.release_every_parked_op()
+            machine.release(first, False)  # type: ignore[arg-type]
+            machine.let_time_pass(0.02)  # stale: the next acquire checks it first
+            machine.acquire()
+            (ping,) = [op for op in machine.driver.parked if op.kind == "ping"]
+            machine.disconnect(first, 0.0, False)  # type: ignore[arg-type]
+            check()
+            if ping in machine.driver.parked:
+                machine.driver.finish(ping, None if ping_ok else ConnectionResetError("gone"))
+                machine.step()
+            check()
+            machine.acquire()  # the pool reopens: this one is served
+            machine.release_every_parked_op()
+            check()
+            assert machine.holders(), machine.db.stats()
+            s = machine.db.stats()
+            assert (s.size, s.opening, s.waiting) == (1, 0, 0), s
+        finally:
+            machine.teardown()
