@@ -55,7 +55,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -649,9 +649,7 @@ class TestStateMachine:
     def test_the_pool_keeps_its_invariants_through_interleaved_io(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(_ledger, "time", CLOCK)  # the engine's time.monotonic()
-        for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
-            monkeypatch.setattr(module, "time", CLOCK)
+        virtual_time(monkeypatch)
         run_state_machine_as_test(
             PoolMachine,
             settings=settings(
@@ -672,6 +670,27 @@ class _First:
         return next(iter(strategy.elements))
 
 
+def virtual_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's time.monotonic() is CLOCK's, in every module that reads it."""
+    monkeypatch.setattr(_ledger, "time", CLOCK)
+    for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
+        monkeypatch.setattr(module, "time", CLOCK)
+
+
+def replay(monkeypatch: pytest.MonkeyPatch) -> tuple[PoolMachine, Callable[[], None]]:
+    """A model to drive step by step, and the check of all its invariants."""
+    virtual_time(monkeypatch)
+    machine = PoolMachine()
+
+    def check() -> None:
+        machine.no_violation_seen()
+        machine.the_counts_add_up()
+        machine.no_connection_is_lent_twice_or_leaked()
+        machine.no_waiter_is_stranded()
+
+    return machine, check
+
+
 class TestReplays:
     """Interleavings that random search reaches too rarely, replayed step by step
     through the same model and its invariants."""
@@ -682,18 +701,8 @@ class TestReplays:
         # What once lent one connection twice: an acquire held a reference to
         # the idle set across its check, the upkeep replaced the set, and the
         # failed check sent the acquire back to the stale one.
-        monkeypatch.setattr(_ledger, "time", CLOCK)
-        for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
-            monkeypatch.setattr(module, "time", CLOCK)
-        machine = PoolMachine()
+        machine, check = replay(monkeypatch)
         first = _First()
-
-        def check() -> None:
-            machine.no_violation_seen()
-            machine.the_counts_add_up()
-            machine.no_connection_is_lent_twice_or_leaked()
-            machine.no_waiter_is_stranded()
-
         try:
             for _ in range(2):  # two connections: the second opens while the first is held
                 machine.acquire()
@@ -718,18 +727,8 @@ class TestReplays:
     ) -> None:
         # What once wedged the pool for good: the check's acquire went on into
         # the closed pool and its reservation was never undone.
-        monkeypatch.setattr(_ledger, "time", CLOCK)
-        for module in (_acquiring, _breaker, _closing, _diagnosis, _state):
-            monkeypatch.setattr(module, "time", CLOCK)
-        machine = PoolMachine()
+        machine, check = replay(monkeypatch)
         first = _First()
-
-        def check() -> None:
-            machine.no_violation_seen()
-            machine.the_counts_add_up()
-            machine.no_connection_is_lent_twice_or_leaked()
-            machine.no_waiter_is_stranded()
-
         try:
             machine.acquire()
             machine.release_every_parked_op()
