@@ -19,6 +19,7 @@ from . import InvalidParameter
 
 __all__ = [
     "HIDDEN",
+    "credentials",
     "SECRET_PARAMETERS",
     "check_connect_args",
     "check_known",
@@ -110,6 +111,30 @@ def user_and_password(parts: SplitResult) -> tuple[str | None, str | None]:
         return None, None
     user, colon, password = userinfo.partition(":")
     return (unquote(user) or None), (unquote(password) if colon else None)
+
+
+def credentials(
+    parts: SplitResult, params: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """The user and password, from before the ``@`` or from ``?user=`` / ``?password=``.
+
+    libpq and Prisma take either; giving one twice is refused, the password
+    never shown.
+    """
+    user, password = user_and_password(parts)
+    if "user" in params:
+        if user is not None:
+            raise InvalidParameter(
+                "user", params["user"], "is given both before the @ and as ?user="
+            )
+        user = params["user"] or None
+    if "password" in params:
+        if password is not None:
+            raise InvalidParameter(
+                "password", HIDDEN, "is given both before the @ and as ?password="
+            )
+        password = params["password"]
+    return user, password
 
 
 def parse_host_port(parts: SplitResult) -> tuple[str | None, int | None]:

@@ -93,12 +93,12 @@ from ._url import (
     HIDDEN,
     check_connect_args,
     check_known,
+    credentials,
     parse_choice,
     parse_host_port,
     query_params,
     redact,
     split,
-    user_and_password,
 )
 
 __all__ = ["MySQLDriver", "create"]
@@ -417,20 +417,8 @@ def create(
     check_known(params, PARAMETERS, "mysql")
 
     host, port = parse_host_port(parts)
-    user, password = user_and_password(parts)
+    user, password = credentials(parts, params)
     database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if "user" in params:
-        if user is not None:
-            raise InvalidParameter(
-                "user", params["user"], "is given both before the @ and as ?user="
-            )
-        user = params["user"] or None
-    if "password" in params:
-        if password is not None:
-            raise InvalidParameter(
-                "password", HIDDEN, "is given both before the @ and as ?password="
-            )
-        password = params["password"]
     socket = params.get("socket")
     if socket is not None and (not socket or "\0" in socket):
         raise InvalidParameter("socket", socket, "must be the path of the server's Unix socket")

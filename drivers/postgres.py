@@ -113,6 +113,7 @@ from ._url import (
     HIDDEN,
     check_connect_args,
     check_known,
+    credentials,
     parse_bool,
     parse_choice,
     parse_hosts,
@@ -120,7 +121,6 @@ from ._url import (
     query_multi,
     redact,
     split,
-    user_and_password,
 )
 
 __all__ = ["NoSuitableHost", "PostgresDriver", "create", "quote_identifier"]
@@ -607,20 +607,8 @@ def create(
     params = {name: values[0] for name, values in multi.items()}
 
     hosts = _hosts_of(parse_hosts(parts), multi)
-    user, password = user_and_password(parts)
+    user, password = credentials(parts, params)
     database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if "user" in params:
-        if user is not None:
-            raise InvalidParameter(
-                "user", params["user"], "is given both before the @ and as ?user="
-            )
-        user = params["user"] or None
-    if "password" in params:
-        if password is not None:
-            raise InvalidParameter(
-                "password", HIDDEN, "is given both before the @ and as ?password="
-            )
-        password = params["password"]
     if "dbname" in params:
         if database:
             raise InvalidParameter(
