@@ -124,7 +124,6 @@ class Closing(LedgerState[C]):
 
     def close_done(self, rec: Conn) -> None:
         """A graceful close ended (or gave up and terminated)."""
-        self._io_done()
         if rec.state is not BUSY:
             return
         del self.busy[id(rec.raw)]
@@ -212,6 +211,6 @@ class Closing(LedgerState[C]):
         self.deadlines.timer = None  # the parent's loop: never touched here
         self.scopes.clear()
         self.epoch += 1
-        self.size = self.opening = self.inflight = self.marked = 0
+        self.size = self.opening = self.marked = 0
         self.state = CLOSED_STATE
         return kept

@@ -150,7 +150,6 @@ class Ledger(Closing[C]):
 
     def check_done(self, rec: Conn, ok: bool) -> bool:
         """A check ended. True: the connection is now lent to the caller that checked it."""
-        self._io_done()
         if rec.state is not BUSY:
             return False  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
@@ -264,12 +263,10 @@ class Ledger(Closing[C]):
     def begin_open(self, waiter: Waiter) -> int:
         """The waiter's reservation now belongs to its opening; returns its epoch."""
         epoch, waiter.reserved = waiter.reserved, -1
-        self.inflight += 1
         return epoch
 
     def open_done(self, raw: C, epoch: int, host: str = "") -> bool:
         """A connect succeeded. False: the pool closed meanwhile, and the caller closes it."""
-        self._io_done()
         if epoch != self.epoch or self.state is not OPEN:
             return False
         failures = self.breaker.succeeded()
@@ -290,7 +287,6 @@ class Ledger(Closing[C]):
 
         ``began``: when that connect started (monotonic), for the breaker.
         """
-        self._io_done()
         if epoch != self.epoch:
             return
         self.size -= 1
@@ -356,7 +352,6 @@ class Ledger(Closing[C]):
 
         ``failed`` is the reason counted when it did not succeed.
         """
-        self._io_done()
         if rec.state is not BUSY:
             return  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]

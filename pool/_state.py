@@ -126,8 +126,6 @@ class LedgerState(Generic[C]):
         #: lent or busy connections marked to close when next free (a drain, a
         #: resize, a failover): a shrink closes only the surplus they leave
         self.marked = 0
-        #: I/O steps started and not yet reported (any epoch)
-        self.inflight = 0
         #: the cancel scopes of in-flight I/O, for disconnect() to cut short
         self.scopes: set[anyio.CancelScope] = set()
         #: set when the last lent connection comes back during disconnect's grace
@@ -173,7 +171,6 @@ class LedgerState(Generic[C]):
     def _busy(self, rec: Conn) -> None:
         rec.state = BUSY
         self.busy[id(rec.raw)] = rec
-        self.inflight += 1
 
     def _retire(self, rec: Conn, reason: str) -> None:
         """Close a connection that must not be lent again, at once. O(1)."""
@@ -188,9 +185,6 @@ class LedgerState(Generic[C]):
         if self.state is not CLOSED_STATE:
             self.size -= 1
             self.wake_openers()
-
-    def _io_done(self) -> None:
-        self.inflight -= 1
 
     def _check_drained(self) -> None:
         if not self.lent and self.drained is not None:
