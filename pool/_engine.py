@@ -1,10 +1,11 @@
-"""The pool's I/O: waiting, opening, checking, rolling back, closing, upkeep.
+"""The pool's I/O: its life cycle (start, disconnect, event-loop moves) and the release side.
 
 Nothing here decides who gets which connection: every decision is a
 synchronous call into the :class:`~pool._ledger.Ledger`, and every I/O step
 reports its outcome back to it, which re-checks the state it finds then. An
 I/O step the pool starts on its own behalf runs in a cancel scope the ledger
-knows, so that ``disconnect()`` can cut it short and wait for its report.
+knows, so that ``disconnect()`` can cut it short. The acquire side is in
+``_acquiring.py``, the background upkeep in ``_upkeep.py``.
 """
 
 from __future__ import annotations
