@@ -207,7 +207,7 @@ class Acquiring(Generic[C]):
             deadline = waiter.deadline = loop.time() + wait  # = anyio.current_time()
             if wait_for is None and wait < math.inf:
                 # the pool's own timeout: they queue in deadline order, and one
-                # timer on the oldest serves them all (Deadlines.add, inlined)
+                # timer on the oldest serves them all (see Deadlines)
                 deadlines = ledger.deadlines
                 deadlines.timed[waiter] = None  # type: ignore[index]  # asyncio's waiter
                 if deadlines.timer is None:

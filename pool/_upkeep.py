@@ -20,7 +20,8 @@ import anyio
 import anyio.abc
 
 from . import _diagnosis
-from ._conn import Conn
+from ._conn import BUSY, Conn
+from ._state import BROKEN, OPEN
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -75,7 +76,7 @@ class Upkeep:
         """A connection whose holder was cancelled mid-use: recover it in the background."""
         if self._wakeup is None:  # not running: nobody would recover it
             self._engine.driver.terminate(rec.raw)
-            self._engine.ledger.tidied(rec, False, "broken")
+            self._engine.ledger.tidied(rec, False, BROKEN)
             return
         self._pending.append(rec)
         self._wakeup.set()
@@ -128,9 +129,9 @@ class Upkeep:
         try:
             await self._engine.tidy(rec, recover=True)
         finally:
-            if rec.state == "busy":  # cancelled before tidy() could report
+            if rec.state is BUSY:  # cancelled before tidy() could report
                 self._engine.driver.terminate(rec.raw)
-                self._engine.ledger.tidied(rec, False, "broken")
+                self._engine.ledger.tidied(rec, False, BROKEN)
 
     async def once(self) -> None:
         """One round: close expired idle connections, report leaks."""
@@ -141,5 +142,5 @@ class Upkeep:
             logger.debug("closing %d expired idle connection(s)", len(expired))
             await engine.close_all(expired)
         threshold = engine.config.leak_detection_threshold
-        if threshold is not None and ledger.state == "open":
+        if threshold is not None and ledger.state is OPEN:
             _diagnosis.report_leaks(ledger.lent.values(), threshold)

@@ -125,6 +125,8 @@ class Deadlines:
 
     They queue in arrival order, which is deadline order (they share one
     timeout), so one timer on the oldest serves them all: O(1) per waiter.
+    The slow acquire adds to ``timed`` (and arms ``timer``) and removes from
+    it inline: it does so on every wait that the pool's own timeout bounds.
     """
 
     __slots__ = ("loop", "timed", "timer")
@@ -133,14 +135,6 @@ class Deadlines:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timed: OrderedDict[AsyncioWaiter, None] = OrderedDict()
         self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, waiter: AsyncioWaiter) -> None:
-        self.timed[waiter] = None
-        if self.timer is None and self.loop is not None:
-            self.timer = self.loop.call_at(waiter.deadline, self.expire_due)
-
-    def discard(self, waiter: AsyncioWaiter) -> None:
-        self.timed.pop(waiter, None)
 
     def clear(self) -> None:
         self.timed.clear()
