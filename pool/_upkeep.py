@@ -12,6 +12,7 @@ out, so that nothing is left to complain and the next loop starts afresh.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,13 @@ class Upkeep:
     async def _recover(self, rec: Conn) -> None:
         try:
             await self._engine.tidy(rec, recover=True)
+        except BaseException as exc:
+            if not _spurious_cancel(exc):
+                raise
+            # A driver's own cancelled future (asyncpg's cancel-request task)
+            # surfacing here: this connection failed to recover, nothing more.
+            # Propagated, it would end the upkeep, and with it the pool.
+            logger.debug("recovering a connection failed; closing it", exc_info=True)
         finally:
             if rec.state is BUSY:  # cancelled before tidy() could report
                 self._engine.driver.terminate(rec.raw)
@@ -144,3 +152,14 @@ class Upkeep:
         threshold = engine.config.leak_detection_threshold
         if threshold is not None and ledger.state is OPEN:
             _diagnosis.report_leaks(ledger.lent.values(), threshold)
+
+
+def _spurious_cancel(exc: BaseException) -> bool:
+    """An asyncio CancelledError that no one asked this task for (its cancel count is 0)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # on trio: no asyncio task
+        return False
+    return task is not None and task.cancelling() == 0
