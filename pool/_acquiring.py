@@ -41,8 +41,6 @@ C = TypeVar("C")
 #: and drop the socket; it runs shielded, so it must be bounded
 CLEANUP_TIMEOUT: Final = 5.0
 
-_NO_SCOPE: Final = contextlib.nullcontext()
-
 #: a connection hook: an async callable given the driver's own connection
 Hook = Callable[[Any], Awaitable[object]]
 
@@ -102,7 +100,11 @@ class Acquiring(Generic[C]):
             getattr(driver, "is_disconnect_error", None) if wants_primary else None
         )
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: the asyncio loop's clock, as cheaply as it can be read (see _shims.loop_clock)
+        self.loop_time: Callable[[], float] = anyio.current_time
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
+        #: asyncio: is a cancel scope around this task cancelled? (see _shims)
+        self.cancel_pending: Callable[[object], bool] = _shims.cancel_pending_for("trio")
         self.server_checked = False
         # OpenTelemetry, when installed for this pool (see _metrics.py): its
         # name, its instruments, and the ledger's own methods it swapped out
@@ -127,31 +129,153 @@ class Acquiring(Generic[C]):
 
     def now(self) -> float:
         """The event loop's clock (a cancel scope's deadline is on it): cheap on asyncio."""
-        loop = self.loop
-        return loop.time() if loop is not None else anyio.current_time()
+        return self.loop_time()
 
     # ------------------------------------------------------------ acquire
 
     async def acquire(self, wait_for: float | None) -> C:
-        """The careful acquire: check a doubtful idle connection, or queue."""
+        """The careful acquire: check a doubtful idle connection, or queue.
+
+        One frame from the entry point to the wait: every frame between a
+        waiter and its future costs a resumption per handoff. On asyncio a
+        waiter awaits a bare future and the pool's own timeout is one shared
+        loop timer (see _waiters.Deadlines); on trio each wait has its own
+        cancel scope with the waiter's deadline.
+        """
         ledger = self.ledger
         loop = self.loop
         if ledger.state is not OPEN or (loop is not None and loop is not _shims.running_loop()):
             self.ensure_started()
-        epoch = ledger.epoch
-        while ledger.idle:
-            rec = ledger.take_for()
-            if rec is None:
-                break
-            if rec.state is LENT:
-                raw: C = rec.raw
-                return raw
-            if await self._check(rec):
-                raw = rec.raw
-                return raw
-            if ledger.epoch != epoch or ledger.state is not OPEN:
-                raise PoolClosedError("the pool was disconnected while this call waited")
-        return await self._wait(wait_for)
+            loop = self.loop
+        if ledger.idle:
+            epoch = ledger.epoch
+            while ledger.idle:
+                rec = ledger.take_for()
+                if rec is None:
+                    break
+                if rec.state is LENT:
+                    raw: C = rec.raw
+                    return raw
+                if await self._check(rec):
+                    raw = rec.raw
+                    return raw
+                if ledger.epoch != epoch or ledger.state is not OPEN:
+                    raise PoolClosedError("the pool was disconnected while this call waited")
+        # Nothing idle for us: queue.
+        max_waiting = self.config.max_waiting
+        if max_waiting and len(ledger.waiters) >= max_waiting:
+            # Even a refusal yields once: a caller that retries in a loop must not
+            # starve the other tasks of the event loop.
+            await anyio.lowlevel.checkpoint()
+            raise TooManyWaitersError(
+                f"{len(ledger.waiters)} callers already wait for a connection "
+                f"(max_waiting={max_waiting}); not queueing another"
+            )
+        if ledger.breaker.failures and ledger.hopeless():
+            await anyio.lowlevel.checkpoint()
+            raise ledger.breaker.fail_fast_error()
+        waiter: Waiter = AsyncioWaiter(loop) if loop is not None else TrioWaiter()
+        started = waiter.started = time.monotonic()
+        ledger.enqueue(waiter)
+        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
+        timer: asyncio.TimerHandle | None = None
+        if loop is not None:
+            deadline = waiter.deadline = self.loop_time() + wait
+            if wait_for is None and wait < math.inf:
+                # the pool's own timeout: they queue in deadline order, and one
+                # timer on the oldest serves them all (see Deadlines)
+                deadlines = ledger.deadlines
+                deadlines.timed[waiter] = None  # type: ignore[index]  # asyncio's waiter
+                if deadlines.timer is None:
+                    deadlines.timer = loop.call_at(deadline, deadlines.expire_due)
+            elif wait < math.inf:
+                timer = loop.call_at(deadline, waiter.expire)
+        else:
+            deadline = anyio.current_time() + wait
+        try:
+            while True:
+                while waiter.conn is None:
+                    if waiter.error is not None:
+                        raise waiter.error
+                    if waiter.timed_out:
+                        break
+                    if waiter.reserved >= 0:
+                        await self._open(waiter, deadline)
+                        if (
+                            waiter.conn is None
+                            and waiter.error is None
+                            and not waiter.timed_out
+                            and waiter in ledger.waiters
+                        ):
+                            # Its new connection went to an older waiter (or the
+                            # opening was abandoned): it waits again, and may be
+                            # woken to open again when capacity frees up.
+                            waiter.rearm()
+                            ledger.sleepers[waiter] = None
+                            ledger.wake_openers()
+                        continue
+                    breaker = ledger.breaker
+                    if breaker.failures and breaker.backing_off():
+                        # Nothing may wake us when the back-off ends: look again
+                        # then (we may be the probe).
+                        until = min(deadline, self.now() + breaker.remaining())
+                        with anyio.CancelScope(deadline=until):
+                            await waiter.wait()
+                        if not waiter.woken():
+                            if loop is None and self.now() >= deadline:
+                                waiter.timed_out = True  # on asyncio, the timer says so
+                            ledger.wake_openers()
+                            continue
+                    elif loop is not None:
+                        # the bare future itself: no frame of waiter.wait() in between
+                        await waiter.future  # type: ignore[union-attr]
+                    else:
+                        with anyio.CancelScope(deadline=deadline):
+                            await waiter.wait()
+                        if not waiter.woken():
+                            waiter.timed_out = True
+                            break
+                    if waiter.conn is not None:
+                        # Cancelled as it was handed the connection? Then it must
+                        # pass it on (in the except below), not carry it away.
+                        # asyncio delivers a task.cancel() at the await above;
+                        # a cancelled anyio scope waits for the next checkpoint.
+                        if loop is None:
+                            await self.checkpoint_if_cancelled()
+                        elif self.cancel_pending(ledger.current_task()):
+                            await anyio.lowlevel.checkpoint()
+                    elif waiter.error is None and not waiter.timed_out:
+                        waiter.rearm()  # woken to open a connection
+                if waiter.conn is None:
+                    break  # timed out
+                if waiter.reserved >= 0:
+                    ledger.unreserve(waiter)  # served before it began to open
+                accepted = ledger.accept(waiter, started)
+                if accepted is not None:
+                    if self.record_wait is not None:
+                        self.record_wait(time.monotonic() - started)
+                    return accepted
+                # Handed a connection that a failover retired before this
+                # task ran: it was not lent; the ledger queued us again, first.
+        except BaseException:
+            ledger.abandon(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if loop is not None:
+                ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
+        ledger.abandon(waiter)
+        ledger.timeouts += 1
+        raise _diagnosis.timeout_error(
+            wait,
+            limit=ledger.limit,
+            in_use=len(ledger.lent),
+            idle=len(ledger.idle),
+            opening=ledger.opening,
+            waiting=len(ledger.waiters),
+            lent=ledger.lent.values(),
+        )
 
     async def _check(self, rec: Conn) -> bool:
         """Check an idle connection before lending it. True: it is now lent to the caller.
@@ -182,112 +306,6 @@ class Acquiring(Generic[C]):
             ledger.scopes.discard(scope)
         return ledger.check_done(rec, ok)
 
-    async def _wait(self, wait_for: float | None) -> C:
-        ledger = self.ledger
-        max_waiting = self.config.max_waiting
-        if max_waiting and len(ledger.waiters) >= max_waiting:
-            # Even a refusal yields once: a caller that retries in a loop must not
-            # starve the other tasks of the event loop.
-            await anyio.lowlevel.checkpoint()
-            raise TooManyWaitersError(
-                f"{len(ledger.waiters)} callers already wait for a connection "
-                f"(max_waiting={max_waiting}); not queueing another"
-            )
-        if ledger.hopeless():
-            await anyio.lowlevel.checkpoint()
-            raise ledger.breaker.fail_fast_error()
-        loop = self.loop
-        waiter: Waiter = AsyncioWaiter(loop) if loop is not None else TrioWaiter()
-        started = waiter.started = time.monotonic()
-        ledger.enqueue(waiter)
-        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
-        timer: asyncio.TimerHandle | None = None
-        scope: contextlib.AbstractContextManager[Any]
-        if loop is not None:
-            deadline = waiter.deadline = loop.time() + wait  # = anyio.current_time()
-            if wait_for is None and wait < math.inf:
-                # the pool's own timeout: they queue in deadline order, and one
-                # timer on the oldest serves them all (see Deadlines)
-                deadlines = ledger.deadlines
-                deadlines.timed[waiter] = None  # type: ignore[index]  # asyncio's waiter
-                if deadlines.timer is None:
-                    deadlines.timer = loop.call_at(deadline, deadlines.expire_due)
-            elif wait < math.inf:
-                timer = loop.call_at(deadline, waiter.expire)
-            scope = _NO_SCOPE
-        else:
-            deadline = anyio.current_time() + wait
-            scope = anyio.CancelScope(deadline=deadline)
-        with scope:
-            try:
-                while True:
-                    while waiter.conn is None:
-                        if waiter.error is not None:
-                            raise waiter.error
-                        if waiter.timed_out:
-                            break
-                        if waiter.reserved >= 0:
-                            await self._open(waiter, deadline)
-                            if (
-                                waiter.conn is None
-                                and waiter.error is None
-                                and not waiter.timed_out
-                                and waiter in ledger.waiters
-                            ):
-                                # Its new connection went to an older waiter (or the
-                                # opening was abandoned): it waits again, and may be
-                                # woken to open again when capacity frees up.
-                                waiter.rearm()
-                                ledger.sleepers[waiter] = None
-                                ledger.wake_openers()
-                            continue
-                        breaker = ledger.breaker
-                        if breaker.failures and breaker.backing_off():
-                            # Nothing may wake us when the back-off ends: look again
-                            # then (we may be the probe).
-                            with anyio.move_on_after(breaker.remaining()):
-                                await waiter.wait()
-                            if not waiter.woken():
-                                ledger.wake_openers()
-                                continue
-                        else:
-                            await waiter.wait()
-                        if waiter.conn is not None:
-                            # Cancelled as it was handed the connection? Then it must
-                            # pass it on (in the except below), not carry it away.
-                            await self.checkpoint_if_cancelled()
-                        elif waiter.error is None and not waiter.timed_out:
-                            waiter.rearm()  # woken to open a connection
-                    if waiter.conn is None:
-                        break  # timed out
-                    ledger.unreserve(waiter)  # served before it began to open
-                    raw = ledger.accept(waiter, started)
-                    if raw is not None:
-                        if self.record_wait is not None:
-                            self.record_wait(time.monotonic() - started)
-                        return raw
-                    # Handed a connection that a failover retired before this
-                    # task ran: it was not lent; the ledger queued us again, first.
-            except BaseException:
-                ledger.abandon(waiter)
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                if loop is not None:
-                    ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
-        ledger.abandon(waiter)
-        ledger.timeouts += 1
-        raise _diagnosis.timeout_error(
-            wait,
-            limit=ledger.limit,
-            in_use=len(ledger.lent),
-            idle=len(ledger.idle),
-            opening=ledger.opening,
-            waiting=len(ledger.waiters),
-            lent=ledger.lent.values(),
-        )
-
     async def _open(self, waiter: Waiter, deadline: float) -> None:
         """Open a connection on the capacity reserved for ``waiter``.
 
@@ -304,8 +322,8 @@ class Acquiring(Generic[C]):
         failure: Exception | None = None
         hook_failed = False
         connect_started = connected = 0.0
-        # On asyncio the waiter has no cancel scope: this one holds its deadline.
-        scope = anyio.CancelScope(deadline=deadline if self.loop is not None else math.inf)
+        # The waiter has no cancel scope of its own around this: this one holds its deadline.
+        scope = anyio.CancelScope(deadline=deadline)
         waiter.opening = scope
         ledger.scopes.add(scope)
         try:
@@ -339,7 +357,7 @@ class Acquiring(Generic[C]):
                 self.driver.terminate(raw)  # half set up: never lent
             if failure is None:  # abandoned: served first, pool closing, or its deadline
                 ledger.open_failed(epoch, None)
-                if self.loop is not None and self.loop.time() >= deadline:
+                if self.now() >= deadline:
                     waiter.timed_out = True
                 return
             error = _diagnosis.connect_error(

@@ -65,7 +65,11 @@ class Engine(Acquiring[C]):
         check_runs_on(self.driver, library)
         ledger.current_task = _shims.current_task_for(library)
         self.checkpoint_if_cancelled = _shims.checkpoint_if_cancelled_for(library)
+        self.cancel_pending = _shims.cancel_pending_for(library)
         self.loop = asyncio.get_running_loop() if library == "asyncio" else None
+        self.loop_time = (
+            _shims.loop_clock(self.loop) if self.loop is not None else anyio.current_time
+        )
         ledger.deadlines.loop = self.loop
         ledger.state = OPEN
         self.server_checked = False

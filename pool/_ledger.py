@@ -209,7 +209,13 @@ class Ledger(Closing[C]):
         self.wait_seconds += now - started
         rec.lent_at = now
         rec.task = self.current_task()
-        frame = sys._getframe(2)  # stamp_site(), inlined: the waiter's own call site
+        # stamp_site(), inlined: the waiter's own call site. It is at least
+        # three frames up (here, the engine's acquire, an entry point, then the
+        # user's frame): jumping there materialises one frame object, not three.
+        try:
+            frame = sys._getframe(3)
+        except ValueError:  # called from a shallower stack than any entry point makes
+            frame = sys._getframe(1)
         while frame.f_code.co_filename in PACKAGE_FILES and frame.f_back is not None:
             frame = frame.f_back
         rec.site_code = frame.f_code

@@ -105,3 +105,102 @@ class TestCheckpointIfCancelled:
     async def test_the_shortcut_is_the_backends_own(self, anyio_backend: str) -> None:
         check = _shims.checkpoint_if_cancelled_for(anyio_backend)
         await check()  # runs, and raises nothing outside a cancelled scope
+
+
+async def cancelled_handoff_passes_the_connection_on() -> None:
+    """A waiter whose scope is cancelled as it is handed a connection passes it on."""
+    db: pool.Pool[Any] = pool.Pool(
+        "fake://x", driver=FakeDriver(), connection_limit=1, pool_timeout=2
+    )
+    conn = await db.acquire()
+    got: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def first() -> None:
+            with scope:
+                got.append(("first", await db.acquire()))
+
+        async def second() -> None:
+            got.append(("second", await db.acquire()))
+
+        tg.start_soon(first)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        await db.release(conn)  # handed to "first", which has not run yet...
+        scope.cancel()  # ...and is cancelled before it does
+    assert got == [("second", conn)]
+    assert db.stats().in_use == 1
+    await db.release(conn)
+    await db.disconnect()
+
+
+class TestCancelPending:
+    @pytest.mark.anyio
+    async def test_the_shortcut_answers_like_the_public_call(self, anyio_backend: str) -> None:
+        pending = _shims.cancel_pending_for(anyio_backend)
+        task = _shims.current_task_for(anyio_backend)()
+        assert pending(task) is False
+        with anyio.CancelScope() as outer:
+            with anyio.CancelScope(shield=True):
+                outer.cancel()
+                assert pending(task) is False  # a shield hides the outer cancel
+            assert pending(task) is True
+            assert anyio.current_effective_deadline() == float("-inf")
+            await anyio.lowlevel.checkpoint()
+        assert pending(task) is False
+
+    def test_asyncio_uses_the_shortcut(self) -> None:
+        async def main() -> None:
+            async with anyio.create_task_group():  # an anyio-managed task
+                assert _shims.cancel_pending_for("asyncio") is not _shims._public_cancel_pending
+
+        anyio.run(main)
+
+    @pytest.mark.parametrize("module", ["anyio.abc", "anyio._core._no_such_module"])
+    def test_falls_back_to_the_public_call(
+        self, monkeypatch: pytest.MonkeyPatch, module: str
+    ) -> None:
+        monkeypatch.setattr(_shims, "_anyio_asyncio_backend", module)
+
+        async def main() -> None:
+            assert _shims.cancel_pending_for("asyncio") is _shims._public_cancel_pending
+            await cancelled_handoff_passes_the_connection_on()
+
+        anyio.run(main)
+
+    def test_a_task_state_of_another_shape_falls_back(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import anyio._backends._asyncio as backend
+
+        monkeypatch.setattr(backend, "_task_states", SimpleNamespace(data="not a dict"))
+
+        async def main() -> None:
+            assert _shims.cancel_pending_for("asyncio") is _shims._public_cancel_pending
+
+        asyncio.run(main())
+
+    @pytest.mark.anyio
+    async def test_a_cancelled_handoff_passes_the_connection_on(self) -> None:
+        await cancelled_handoff_passes_the_connection_on()
+
+
+class TestLoopClock:
+    def test_asyncio_reads_the_monotonic_clock_directly(self) -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            clock = _shims.loop_clock(loop)
+            assert abs(clock() - loop.time()) < 0.5
+
+        asyncio.run(main())
+
+    def test_a_loop_with_its_own_clock_keeps_it(self) -> None:
+        uvloop = pytest.importorskip("uvloop")
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            assert _shims.loop_clock(loop) == loop.time
+
+        uvloop.run(main())
