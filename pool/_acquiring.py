@@ -102,6 +102,8 @@ class Acquiring(Generic[C]):
         self.loop: asyncio.AbstractEventLoop | None = None
         #: the asyncio loop's clock, as cheaply as it can be read (see _shims.loop_clock)
         self.loop_time: Callable[[], float] = anyio.current_time
+        #: the asyncio loop's future factory (see _shims.future_factory)
+        self.new_future: Callable[[], asyncio.Future[None]] = asyncio.Future
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         #: asyncio: is a cancel scope around this task cancelled? (see _shims)
         self.cancel_pending: Callable[[object], bool] = _shims.cancel_pending_for("trio")
@@ -174,7 +176,7 @@ class Acquiring(Generic[C]):
         if ledger.breaker.failures and ledger.hopeless():
             await anyio.lowlevel.checkpoint()
             raise ledger.breaker.fail_fast_error()
-        waiter: Waiter = AsyncioWaiter(loop) if loop is not None else TrioWaiter()
+        waiter: Waiter = AsyncioWaiter(self.new_future) if loop is not None else TrioWaiter()
         started = waiter.started = time.monotonic()
         ledger.enqueue(waiter)
         wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)

@@ -67,9 +67,11 @@ class Engine(Acquiring[C]):
         self.checkpoint_if_cancelled = _shims.checkpoint_if_cancelled_for(library)
         self.cancel_pending = _shims.cancel_pending_for(library)
         self.loop = asyncio.get_running_loop() if library == "asyncio" else None
-        self.loop_time = (
-            _shims.loop_clock(self.loop) if self.loop is not None else anyio.current_time
-        )
+        if self.loop is not None:
+            self.loop_time = _shims.loop_clock(self.loop)
+            self.new_future = _shims.future_factory(self.loop)
+        else:
+            self.loop_time = anyio.current_time
         ledger.deadlines.loop = self.loop
         ledger.state = OPEN
         self.server_checked = False

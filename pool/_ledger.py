@@ -111,8 +111,18 @@ class Ledger(Closing[C]):
         if now >= rec.expires_at or not self.is_alive(raw) or self.in_transaction(raw):
             return False
         del lent[key]
-        if self.waiters:
-            self._put(rec, now)
+        waiters = self.waiters
+        if waiters:
+            if self.size - self.limit > self.marked:
+                self._put(rec, now)  # resized down: _put() closes the surplus
+                return True
+            # _put(), inlined: the handoff to the oldest waiter (it stays lent)
+            waiter, _ = waiters.popitem(last=False)
+            self.sleepers.pop(waiter, None)
+            rec.lent_at = now
+            lent[key] = rec
+            waiter.conn = rec
+            waiter.wake()
         else:  # _put(), inlined for the common case: nobody waits, it goes idle
             rec.state = IDLE
             rec.idle_since = now
@@ -173,8 +183,10 @@ class Ledger(Closing[C]):
         self.acquired += 1
 
     def enqueue(self, waiter: Waiter) -> None:
-        self.waiters[waiter] = None
-        if self.may_open():
+        waiters = self.waiters
+        waiters[waiter] = None
+        # may_open()'s first test inlined: a full pool, the common case under load
+        if self.size < self.limit and self.opening < len(waiters) and self.may_open():
             self.reserve(waiter)
         else:
             self.sleepers[waiter] = None

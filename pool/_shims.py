@@ -21,7 +21,8 @@ import anyio
 import anyio.lowlevel
 
 __all__ = [
-    "cancel_pending_for", "checkpoint_if_cancelled_for", "current_task_for", "loop_clock",
+    "cancel_pending_for", "checkpoint_if_cancelled_for", "current_task_for", "future_factory",
+    "loop_clock",
     "running_loop",
 ]
 
@@ -139,6 +140,17 @@ def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     if type(loop).time is asyncio.BaseEventLoop.time:
         return time.monotonic
     return loop.time
+
+
+def future_factory(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Future[None]]:
+    """``loop.create_future``, or the class it instantiates when that is all it does.
+
+    asyncio's own loop creates a future through a Python method: one frame
+    per wait saved. A loop with its own futures (uvloop) keeps its method.
+    """
+    if type(loop).create_future is asyncio.BaseEventLoop.create_future:
+        return functools.partial(asyncio.Future, loop=loop)
+    return loop.create_future
 
 
 def _public_running_loop() -> asyncio.AbstractEventLoop | None:

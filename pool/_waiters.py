@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -56,9 +57,9 @@ class _WaiterBase:
 
 
 class AsyncioWaiter(_WaiterBase):
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "new_future")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, new_future: Callable[[], asyncio.Future[None]]) -> None:
         # every field set here, not through the base: one call less per wait
         self.conn: Conn | None = None
         self.error: BaseException | None = None
@@ -67,8 +68,9 @@ class AsyncioWaiter(_WaiterBase):
         self.deadline = math.inf
         self.started = 0.0
         self.opening: anyio.CancelScope | None = None
-        self.loop = loop
-        self.future: asyncio.Future[None] = loop.create_future()
+        #: the loop's create_future, or what it calls (see _shims.future_factory)
+        self.new_future = new_future
+        self.future: asyncio.Future[None] = new_future()
 
     def wake(self) -> None:
         if self.opening is not None:
@@ -82,7 +84,7 @@ class AsyncioWaiter(_WaiterBase):
 
     def rearm(self) -> None:
         """Woken for another reason than a connection: wait on a fresh signal."""
-        self.future = self.loop.create_future()
+        self.future = self.new_future()
 
     async def wait(self) -> None:
         future = self.future
@@ -92,7 +94,7 @@ class AsyncioWaiter(_WaiterBase):
             # Cancelling the task cancelled the future it awaited; a waiter that
             # goes on waiting (a breaker's back-off ended) needs a live one.
             if future.cancelled():
-                self.future = self.loop.create_future()
+                self.future = self.new_future()
             raise
 
 
