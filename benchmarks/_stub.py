@@ -57,6 +57,9 @@ class StubDriver:
     def is_alive(self, conn: StubConnection) -> bool:
         return not conn.closed
 
+    def is_clean(self, conn: StubConnection) -> bool:
+        return not conn.closed and not conn.in_tx
+
     async def ping(self, conn: StubConnection) -> None:
         return None
 

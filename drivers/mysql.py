@@ -257,6 +257,14 @@ class MySQLDriver:
     def in_transaction(self, conn: Connection) -> bool:
         return bool(conn.get_transaction_status())
 
+    def is_clean(self, conn: Connection) -> bool:
+        # is_alive() and not in_transaction(), in one call: the fast release's test
+        return (
+            not conn.closed
+            and not conn._reader.at_eof()
+            and not conn.get_transaction_status()
+        )
+
     def is_broken_error(self, exc: BaseException) -> bool:
         """PyMySQL's client-side errors: a packet it could not read, commands out of sync."""
         if isinstance(exc, pymysql.err.InterfaceError):

@@ -411,6 +411,10 @@ class PostgresDriver:
     def is_alive(self, conn: Connection) -> bool:
         return not conn.is_closed()
 
+    def is_clean(self, conn: Connection) -> bool:
+        # is_alive() and not in_transaction(), in one call: the fast release's test
+        return not conn.is_closed() and not conn.is_in_transaction()
+
     async def recover(self, conn: Connection) -> None:
         """Bring back a connection whose holder was cancelled mid-query.
 

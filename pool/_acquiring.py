@@ -72,6 +72,7 @@ class Acquiring(Generic[C]):
             limit=config.connection_limit,
             is_alive=driver.is_alive,
             in_transaction=driver.in_transaction,
+            is_clean=getattr(driver, "is_clean", None),
             terminate=driver.terminate,
             lifetime=config.max_connection_lifetime or math.inf,
             max_idle=config.max_idle_connection_lifetime or math.inf,
@@ -194,6 +195,7 @@ class Acquiring(Generic[C]):
                 timer = loop.call_at(deadline, waiter.expire)
         else:
             deadline = anyio.current_time() + wait
+        task: object = None
         try:
             while True:
                 while waiter.conn is None:
@@ -242,9 +244,10 @@ class Acquiring(Generic[C]):
                         # pass it on (in the except below), not carry it away.
                         # asyncio delivers a task.cancel() at the await above;
                         # a cancelled anyio scope waits for the next checkpoint.
+                        task = ledger.current_task()
                         if loop is None:
                             await self.checkpoint_if_cancelled()
-                        elif self.cancel_pending(ledger.current_task()):
+                        elif self.cancel_pending(task):
                             await anyio.lowlevel.checkpoint()
                     elif waiter.error is None and not waiter.timed_out:
                         waiter.rearm()  # woken to open a connection
@@ -252,7 +255,9 @@ class Acquiring(Generic[C]):
                     break  # timed out
                 if waiter.reserved >= 0:
                     ledger.unreserve(waiter)  # served before it began to open
-                accepted = ledger.accept(waiter, started)
+                if task is None:  # served by its own opening: it did not wait on its future
+                    task = ledger.current_task()
+                accepted = ledger.accept(waiter, started, task)
                 if accepted is not None:
                     if self.record_wait is not None:
                         self.record_wait(time.monotonic() - started)

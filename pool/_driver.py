@@ -34,7 +34,7 @@ class Driver(Protocol[C]):
     gave one.
 
     Optional members, read with ``getattr`` so that older drivers need none
-    of them (the bundled drivers have all three):
+    of them (the bundled drivers have them all):
 
     ``async_libraries: tuple[str, ...]``
         the async libraries (sniffio names) the driver runs on, e.g.
@@ -47,6 +47,9 @@ class Driver(Protocol[C]):
     ``is_read_only_error(exc) -> bool``
         True when a query failed because the server is read-only (SQLSTATE
         25006 on PostgreSQL: a standby, or a read-only session).
+    ``is_clean(conn) -> bool``
+        ``is_alive(conn) and not in_transaction(conn)`` in one call: what the
+        fast release asks of every connection. Absent: the engine asks both.
     ``is_disconnect_error(exc) -> bool``
         True when a query failed because the server ended the session or the
         link broke (a shutdown, a crash, a lost socket), so that a pool that

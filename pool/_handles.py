@@ -35,7 +35,9 @@ class Acquire(Generic[C]):
         return conn
 
     async def __aenter__(self) -> C:
-        conn = self._ledger.take_idle()
+        ledger = self._ledger
+        # Someone waits: the fast path would refuse, so do not call it (under load)
+        conn = ledger.take_idle() if not ledger.waiters else None
         if conn is None:
             conn = await self._engine.acquire(self._timeout)
         self._conn = conn

@@ -108,7 +108,7 @@ class Ledger(Closing[C]):
         if rec is None or self.state is not OPEN:
             return False
         now = time.monotonic()
-        if now >= rec.expires_at or not self.is_alive(raw) or self.in_transaction(raw):
+        if now >= rec.expires_at or not self.is_clean(raw):
             return False
         del lent[key]
         waiters = self.waiters
@@ -191,7 +191,7 @@ class Ledger(Closing[C]):
         else:
             self.sleepers[waiter] = None
 
-    def accept(self, waiter: Waiter, started: float) -> C | None:
+    def accept(self, waiter: Waiter, started: float, task: object) -> C | None:
         """A waiter that was handed a connection runs: lend it, unless the pool closed since.
 
         None: the connection was retired while the waiter had not run yet (its
@@ -220,7 +220,7 @@ class Ledger(Closing[C]):
         self.waited += 1
         self.wait_seconds += now - started
         rec.lent_at = now
-        rec.task = self.current_task()
+        rec.task = task
         # stamp_site(), inlined: the waiter's own call site. It is at least
         # three frames up (here, the engine's acquire, an entry point, then the
         # user's frame): jumping there materialises one frame object, not three.

@@ -77,6 +77,7 @@ class LedgerState(Generic[C]):
         limit: int,
         is_alive: Callable[[Any], bool],
         in_transaction: Callable[[Any], bool],
+        is_clean: Callable[[Any], bool] | None = None,
         terminate: Callable[[Any], None],
         lifetime: float,
         max_idle: float,
@@ -88,6 +89,10 @@ class LedgerState(Generic[C]):
         self.limit = limit
         self.is_alive = is_alive
         self.in_transaction = in_transaction
+        #: alive and not in a transaction: it may go back with no round trip
+        self.is_clean: Callable[[Any], bool] = is_clean or (
+            lambda raw: is_alive(raw) and not in_transaction(raw)
+        )
         self.terminate = terminate
         self.lifetime = lifetime
         self.max_idle = max_idle
