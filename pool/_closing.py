@@ -68,7 +68,15 @@ class Closing(LedgerState[C]):
             self._busy(rec)
             closing.append(rec)
             surplus -= 1
-        for rec in (*self.lent.values(), *self.busy.values()):
+        # Held ones first, then those in the pool's own I/O, and only then those
+        # handed to a waiter that has not run yet, the last handed first: a
+        # waiter whose connection is retired before it runs goes back to the
+        # head of the queue, and a later-handed waiter keeping its connection
+        # would be served before it.
+        lent = self.lent.values()
+        handed_last_first = [rec for rec in reversed(lent) if rec.handed]
+        held = [rec for rec in lent if not rec.handed]
+        for rec in (*held, *self.busy.values(), *handed_last_first):
             if surplus <= 0:
                 break
             if not rec.retire_reason:

@@ -31,7 +31,7 @@ class Conn:
     """One open connection. Users only ever see ``raw``, the driver's own object."""
 
     __slots__ = (
-        "epoch", "expires_at", "fresh_until", "host", "idle_limit", "idle_since",
+        "epoch", "expires_at", "fresh_until", "handed", "host", "idle_limit", "idle_since",
         "leak_reported_for", "lent_at", "raw", "retire_reason", "site_code", "site_offset",
         "state", "task",
     )
@@ -45,6 +45,8 @@ class Conn:
         #: why it is to be closed when next free ("drain", "resize", "failover"), if marked
         self.retire_reason = ""
         self.state: str = IDLE
+        #: handed to a waiter that has not run yet (LENT, but in no one's hands)
+        self.handed = False
         #: the pool generation it belongs to: disconnect() starts a new one
         self.epoch = epoch
         self.idle_since = now

@@ -22,6 +22,7 @@ len(busy) + opening <= limit``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -120,6 +121,7 @@ class Ledger(Closing[C]):
             waiter, _ = waiters.popitem(last=False)
             self.sleepers.pop(waiter, None)
             rec.lent_at = now
+            rec.handed = True
             lent[key] = rec
             waiter.conn = rec
             waiter.wake()
@@ -185,6 +187,8 @@ class Ledger(Closing[C]):
     def enqueue(self, waiter: Waiter) -> None:
         waiters = self.waiters
         waiters[waiter] = None
+        self.arrivals += 1
+        waiter.arrival = self.arrivals
         # may_open()'s first test inlined: a full pool, the common case under load
         if self.size < self.limit and self.opening < len(waiters) and self.may_open():
             self.reserve(waiter)
@@ -201,6 +205,7 @@ class Ledger(Closing[C]):
         rec = waiter.conn
         assert rec is not None
         waiter.conn = None
+        rec.handed = False
         key = id(rec.raw)
         if self.state is not OPEN or rec.state is not LENT or self.lent.get(key) is not rec:
             self._returned(rec)
@@ -208,12 +213,13 @@ class Ledger(Closing[C]):
         if rec.expires_at == -math.inf:
             del self.lent[key]
             waiter.rearm()
-            self.waiters[waiter] = None
-            self.waiters.move_to_end(waiter, last=False)  # it was first in line
-            if self.may_open():
-                self.reserve(waiter)
-            else:
-                self.sleepers[waiter] = None
+            self._requeue_first(waiter)
+            # It sleeps, first in line for the next free connection; the
+            # youngest sleepers open the replacements (wake_openers), so that the
+            # oldest waiter is not the one stuck in a connect when a
+            # connection comes back for it.
+            self.sleepers[waiter] = None
+            self.sleepers.move_to_end(waiter, last=False)
             self._retire(rec, rec.retire_reason or FAILOVER)
             return None
         now = time.monotonic()
@@ -236,6 +242,21 @@ class Ledger(Closing[C]):
         raw: C = rec.raw
         return raw
 
+    def _requeue_first(self, waiter: Waiter) -> None:
+        """Back at the head of the queue: it was served before everyone still waiting.
+
+        Except the waiters requeued the same way before it, handed a retired
+        connection earlier in the same burst: they are older, and stay ahead.
+        O(k) for the k of them at the head (at most the connections retired
+        while handed, so at most connection_limit), O(1) when alone.
+        """
+        waiters = self.waiters
+        older = list(itertools.takewhile(lambda w: w.arrival < waiter.arrival, waiters))
+        waiters[waiter] = None
+        waiters.move_to_end(waiter, last=False)
+        for ahead in reversed(older):
+            waiters.move_to_end(ahead, last=False)
+
     def abandon(self, waiter: Waiter) -> None:
         """A waiter gives up (timeout, cancellation, error): leave no trace."""
         rec = waiter.conn
@@ -250,6 +271,7 @@ class Ledger(Closing[C]):
 
     def _returned(self, rec: Conn) -> None:
         """A connection handed to a waiter comes back unused."""
+        rec.handed = False
         key = id(rec.raw)
         if rec.state is LENT and self.lent.get(key) is rec:
             del self.lent[key]

@@ -126,6 +126,8 @@ class LedgerState(Generic[C]):
         #: the waiters not opening a connection themselves, to wake one in O(1)
         self.sleepers: OrderedDict[Waiter, None] = OrderedDict()
         self.deadlines = Deadlines()
+        #: waiters queued so far: each one's arrival number (FIFO order when requeued)
+        self.arrivals = 0
         self.size = 0
         self.opening = 0
         #: lent or busy connections marked to close when next free (a drain, a
@@ -163,6 +165,7 @@ class LedgerState(Generic[C]):
             self.sleepers.pop(waiter, None)
             rec.state = LENT
             rec.lent_at = now
+            rec.handed = True
             self.lent[id(rec.raw)] = rec
             waiter.conn = rec
             waiter.wake()

@@ -27,7 +27,9 @@ __all__ = ["AsyncioWaiter", "Deadlines", "TrioWaiter", "Waiter"]
 
 
 class _WaiterBase:
-    __slots__ = ("conn", "deadline", "error", "opening", "reserved", "started", "timed_out")
+    __slots__ = (
+        "arrival", "conn", "deadline", "error", "opening", "reserved", "started", "timed_out",
+    )
 
     def __init__(self) -> None:
         self.conn: Conn | None = None
@@ -41,6 +43,8 @@ class _WaiterBase:
         self.started = 0.0
         #: while it opens a connection: the scope to abort that, if served first
         self.opening: anyio.CancelScope | None = None
+        #: its place in the arrival order (set when it first queues)
+        self.arrival = 0
 
     def _abort_opening(self) -> None:
         if self.opening is not None:
@@ -68,6 +72,7 @@ class AsyncioWaiter(_WaiterBase):
         self.deadline = math.inf
         self.started = 0.0
         self.opening: anyio.CancelScope | None = None
+        self.arrival = 0
         #: the loop's create_future, or what it calls (see _shims.future_factory)
         self.new_future = new_future
         self.future: asyncio.Future[None] = new_future()

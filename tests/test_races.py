@@ -493,3 +493,84 @@ class TestCountersAndSQLiteCrash:
     async def test_cancel_and_disconnect_storm(self, tmp_path: Path, anyio_backend: str) -> None:
         url = f"sqlite:///{tmp_path / 'db.sqlite'}"
         await run_sqlite_script(tmp_path, "storm", url, anyio_backend)
+
+
+async def test_waiters_handed_connections_that_a_drain_retires_keep_their_order() -> None:
+    """Two waiters are handed connections; a drain retires both before either runs.
+
+    Each goes back to the head of the queue, ahead of everyone still waiting,
+    and the older of the two stays ahead of the younger: the new connections
+    go to them in the order they first queued (they used to be requeued in
+    reverse, one in front of the other). One new connection at a time, so
+    that the order seen is the pool's, not the scheduler's (trio runs the
+    tasks woken together in a random order).
+    """
+    db, driver = make(2)
+    first, second = await db.acquire(), await db.acquire()
+    granted: list[str] = []
+    done = anyio.Event()
+
+    async def wait(name: str) -> None:
+        async with db.acquire():
+            granted.append(name)
+            await done.wait()
+
+    async with anyio.create_task_group() as tg:
+        for name in ("older", "younger", "youngest"):
+            tg.start_soon(wait, name)
+            await wait_all_tasks_blocked()
+        driver.park("connect")
+        await db.release(first)  # handed to "older", which has not run yet
+        await db.release(second)  # handed to "younger", which has not run yet
+        await db.drain()  # marks both: neither may be lent now
+        for expected in (["older"], ["older", "younger"]):
+            connecting = await driver.parked("connect")
+            connecting.release()
+            await wait_all_tasks_blocked()
+            assert granted == expected
+        driver.unpark("connect")
+        done.set()
+    assert granted == ["older", "younger", "youngest"]
+    assert db.stats().closed_by["drain"] == 2
+    assert_sane(db)
+    await db.disconnect()
+    assert_every_connection_closed_once(driver)
+
+
+async def test_a_resize_retires_the_last_handed_connection_first() -> None:
+    """Shrinking marks held connections first, then the last handed ones.
+
+    Two waiters are handed connections, and the pool shrinks by more than the
+    one connection held before either runs. Marking the older waiter's
+    connection would send it back to the queue while the younger one is
+    served: the pool marks the younger one's instead, so the older one is
+    served first, and the younger one next.
+    """
+    db, driver = make(3)
+    held, first, second = await db.acquire(), await db.acquire(), await db.acquire()
+    granted: list[str] = []
+    done = anyio.Event()
+
+    async def wait(name: str) -> None:
+        async with db.acquire():
+            granted.append(name)
+            await done.wait()
+
+    async with anyio.create_task_group() as tg:
+        for name in ("older", "younger"):
+            tg.start_soon(wait, name)
+            await wait_all_tasks_blocked()
+        await db.release(first)  # handed to "older", which has not run yet
+        await db.release(second)  # handed to "younger", which has not run yet
+        await db.resize(1)  # two too many: the held one, and one handed
+        await wait_all_tasks_blocked()
+        assert granted == ["older"]
+        await db.release(held)  # marked: closed, not handed on
+        await wait_all_tasks_blocked()
+        assert granted == ["older"]
+        done.set()  # "older" gives its connection back: it goes to "younger"
+    assert granted == ["older", "younger"]
+    assert db.stats().closed_by["resize"] == 2
+    assert db.stats().size == 1
+    await db.disconnect()
+    assert_every_connection_closed_once(driver)
