@@ -366,3 +366,59 @@ class TestFifoCheck:
         fifo.granted(0, a0)
         fifo.granted(0, a1)
         assert fifo.out_of_order == 0
+
+
+class TestTargets:
+    @staticmethod
+    def w1(pool: float, limit: float, peer: float) -> list[Any]:
+        from benchmarks._report import Results, targets
+
+        results = Results()
+        results.add_pool("pool", "ours", "pool", "")
+        results.add_pool("limit", "limit", "limit", "")
+        results.add_pool("peer", "peer", "peer", "")
+        for name, value in (("pool", pool), ("limit", limit), ("peer", peer)):
+            results.add("W1", "C=1", name, {"cycles_per_s": value})
+        return [t for t in targets(results) if "fastest peer" in t.goal]
+
+    def test_a_peer_target_above_the_limit_says_so(self) -> None:
+        (target,) = self.w1(pool=300_000, limit=400_000, peer=100_000)
+        assert target.met is False
+        assert "the limit itself is 4" in target.figure  # 4.00x: no pool can reach 5x
+
+    def test_a_reachable_peer_target_names_no_bound(self) -> None:
+        (target,) = self.w1(pool=600_000, limit=800_000, peer=100_000)
+        assert target.met is True
+        assert "limit itself" not in target.figure
+
+
+class TestCombine:
+    def test_targets_are_judged_on_the_median_of_the_runs(self, tmp_path: Path) -> None:
+        from benchmarks import combine
+        from benchmarks._report import Results, to_json
+
+        paths = []
+        for i, (ours, limit) in enumerate([(90.0, 100.0), (96.0, 100.0), (97.0, 100.0)]):
+            results = Results()
+            results.add_pool("pool", "ours", "pool", "")
+            results.add_pool("limit", "limit", "limit", "")
+            for r in range(3):  # a run's median is its middle round
+                results.add("W2", "", "pool", {"queries_per_s": ours + r - 1})
+                results.add("W2", "", "limit", {"queries_per_s": limit})
+            path = tmp_path / f"run{i}.json"
+            path.write_text(to_json(results))
+            paths.append(str(path))
+        out = tmp_path / "median.json"
+        assert combine.main([*paths, "--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        w2 = next(t for t in doc["targets"] if t["goal"].startswith(">= 95%"))
+        assert w2["met"] is True and w2["figure"] == "96.0%"  # the middle run's, not 90 %
+        rounds = doc["workloads"]["W2"]["cases"]["all"]["pool"]["queries_per_s"]["rounds"]
+        assert rounds == [90.0, 96.0, 97.0]
+
+    def test_refuses_a_file_that_is_not_a_run(self, tmp_path: Path) -> None:
+        from benchmarks import combine
+
+        other = tmp_path / "other.json"
+        other.write_text('{"tool": "something else"}')
+        assert combine.main([str(other)]) == 2
