@@ -422,3 +422,53 @@ class TestCombine:
         other = tmp_path / "other.json"
         other.write_text('{"tool": "something else"}')
         assert combine.main([str(other)]) == 2
+
+
+class TestFloorTools:
+    """The floor (a minimal pool) and the instruction counter: the code behind README's figures."""
+
+    def test_the_minimal_pool_is_fifo_and_passes_on_a_cancelled_handoff(self) -> None:
+        import asyncio
+
+        from benchmarks._minimal import MinimalPool
+
+        async def main() -> list[str]:
+            minimal = MinimalPool(["conn"])
+            order: list[str] = []
+            held = await minimal.take()
+
+            async def wait(name: str) -> None:
+                async with minimal.acquire():
+                    order.append(name)
+
+            tasks = [asyncio.create_task(wait(n)) for n in ("a", "b", "c")]
+            await asyncio.sleep(0)
+            minimal.give(held)  # handed to "a"...
+            tasks[0].cancel()  # ...cancelled before it runs: "b" gets it
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert minimal.idle == ["conn"] and not minimal.waiters
+            return order
+
+        assert asyncio.run(main()) == ["b", "c"]
+
+    @pytest.mark.parametrize("subject", ["pool", "lock", "minimal"])
+    def test_each_subject_of_the_instruction_count_runs(self, subject: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.instructions", "--child", subject, "10", "2", "200"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+
+    def test_the_floor_runs_beside_the_limit(self, tmp_path: Path) -> None:
+        servers.require(servers.POSTGRES_URL, "PostgreSQL")
+        out = tmp_path / "floor.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.floor", "--url", servers.POSTGRES_URL,
+             "--rounds", "1", "--duration", "0.2", "--json", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        figures = load(out)["figures"]
+        assert set(figures) == {"pool", "limit", "minimal"}
+        for slot in figures.values():
+            assert slot["queries_per_s"][0] > 0 and slot["cpu_us_per_query"][0] > 0
