@@ -495,6 +495,20 @@ class TestCountersAndSQLiteCrash:
         await run_sqlite_script(tmp_path, "storm", url, anyio_backend)
 
 
+class Line:
+    """Tasks that queue for a connection by name, and hold it until ``done`` is set."""
+
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self.granted: list[str] = []
+        self.done = anyio.Event()
+
+    async def wait(self, name: str) -> None:
+        async with self.db.acquire():
+            self.granted.append(name)
+            await self.done.wait()
+
+
 async def test_waiters_handed_connections_that_a_drain_retires_keep_their_order() -> None:
     """Two waiters are handed connections; a drain retires both before either runs.
 
@@ -507,17 +521,12 @@ async def test_waiters_handed_connections_that_a_drain_retires_keep_their_order(
     """
     db, driver = make(2)
     first, second = await db.acquire(), await db.acquire()
-    granted: list[str] = []
-    done = anyio.Event()
-
-    async def wait(name: str) -> None:
-        async with db.acquire():
-            granted.append(name)
-            await done.wait()
+    line = Line(db)
+    granted, done = line.granted, line.done
 
     async with anyio.create_task_group() as tg:
         for name in ("older", "younger", "youngest"):
-            tg.start_soon(wait, name)
+            tg.start_soon(line.wait, name)
             await wait_all_tasks_blocked()
         driver.park("connect")
         await db.release(first)  # handed to "older", which has not run yet
@@ -548,17 +557,12 @@ async def test_a_resize_retires_the_last_handed_connection_first() -> None:
     """
     db, driver = make(3)
     held, first, second = await db.acquire(), await db.acquire(), await db.acquire()
-    granted: list[str] = []
-    done = anyio.Event()
-
-    async def wait(name: str) -> None:
-        async with db.acquire():
-            granted.append(name)
-            await done.wait()
+    line = Line(db)
+    granted, done = line.granted, line.done
 
     async with anyio.create_task_group() as tg:
         for name in ("older", "younger"):
-            tg.start_soon(wait, name)
+            tg.start_soon(line.wait, name)
             await wait_all_tasks_blocked()
         await db.release(first)  # handed to "older", which has not run yet
         await db.release(second)  # handed to "younger", which has not run yet
