@@ -22,8 +22,7 @@ import anyio.lowlevel
 
 __all__ = [
     "cancel_pending_for", "checkpoint_if_cancelled_for", "current_task_for", "future_factory",
-    "loop_clock",
-    "running_loop",
+    "loop_clock", "running_loop",
 ]
 
 logger = logging.getLogger("pool")
@@ -90,9 +89,10 @@ def cancel_pending_for(library: str) -> Callable[[object], bool]:
     connection on rather than carry it away. anyio's public ways to ask
     (``checkpoint_if_cancelled``, ``current_effective_deadline``) look the
     task's state up through a WeakKeyDictionary in a Python frame and walk the
-    scopes through properties: about 5,000 instructions, on every handoff. The
-    same walk over the backend's own fields costs a fifth of that. It is
-    verified against the public call here, once per pool start.
+    scopes through properties; awaiting ``checkpoint_if_cancelled`` cost about
+    7,000 instructions per handoff (callgrind), this synchronous walk over the
+    backend's own fields about 2,600. It is verified against the public call
+    here, once per pool start; trio keeps ``checkpoint_if_cancelled``.
     """
     if library != "asyncio":
         return _public_cancel_pending
