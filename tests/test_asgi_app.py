@@ -102,3 +102,20 @@ def test_table_and_verdict() -> None:
     lines = verdict(doc)
     assert lines[0].startswith("/db: req/s at least level with every like-for-like peer: met")
     assert lines[1].startswith("/db: the lowest p99 of all: missed") and "asyncpg 4.0" in lines[1]
+
+
+def test_several_runs_pool_their_rounds() -> None:
+    from benchmarks.asgi.__main__ import pooled
+
+    def figures(rps: float) -> dict[str, object]:
+        one = {**parse_wrk(WRK_SAMPLE), "rps": rps, "cpu_us_per_request": 80.0}
+        return {"/db": one, "/queries": dict(one)}
+
+    def run(*rps: float) -> dict[str, object]:
+        rounds = [figures(r) for r in rps]
+        return {"meta": {}, "subjects": {"pool": {"style": "both", "rounds": rounds,
+                                                  "summary": summarise(rounds)}}}
+
+    doc = pooled([run(100, 200, 300), run(110, 120, 130), run(90, 95, 99)])
+    assert len(doc["subjects"]["pool"]["rounds"]) == 9
+    assert doc["subjects"]["pool"]["summary"]["/db"]["rps"] == 110  # the median of all nine

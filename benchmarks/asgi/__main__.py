@@ -328,6 +328,20 @@ def meta(url: str, args: argparse.Namespace, argv: Sequence[str]) -> dict[str, A
 # ---------------------------------------------------------------------- main
 
 
+def pooled(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs as one: each subject's rounds of every run, summarised again."""
+    if len(docs) == 1:
+        return docs[0]
+    doc: dict[str, Any] = {"meta": docs[0]["meta"], "subjects": {}}
+    for one in docs:
+        for name, subject in one["subjects"].items():
+            slot = doc["subjects"].setdefault(name, {**subject, "rounds": []})
+            slot["rounds"] = slot["rounds"] + subject["rounds"]
+    for subject in doc["subjects"].values():
+        subject["summary"] = summarise(subject["rounds"])
+    return doc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.asgi", description=(__doc__ or "").split("\n")[0]
@@ -343,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the figures")
     p.add_argument("--setup-only", action="store_true", help="create and fill world, then stop")
     p.add_argument(
-        "--report", type=Path, metavar="JSON", help="print the table of an earlier run; run nothing"
+        "--report", type=Path, nargs="+", metavar="JSON",
+        help="print the table of earlier runs (several: their rounds pooled); run nothing",
     )
     return p
 
@@ -352,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.report is not None:
-        done = json.loads(args.report.read_text(encoding="utf-8"))
+        done = pooled([json.loads(path.read_text(encoding="utf-8")) for path in args.report])
         print(table(done))
         print()
         print("\n".join(verdict(done)))
