@@ -107,7 +107,7 @@ class Acquiring(Generic[C]):
         self.new_future: Callable[[], asyncio.Future[None]] = asyncio.Future
         self.checkpoint_if_cancelled: Callable[[], Any] = anyio.lowlevel.checkpoint_if_cancelled
         #: asyncio: is a cancel scope around this task cancelled? (see _shims)
-        self.cancel_pending: Callable[[object], bool] = _shims.cancel_pending_for("trio")
+        self.cancel_pending: Callable[[object], bool] = _shims.public_cancel_pending
         self.server_checked = False
         # OpenTelemetry, when installed for this pool (see _metrics.py): its
         # name, its instruments, and the ledger's own methods it swapped out

@@ -22,7 +22,7 @@ import anyio.lowlevel
 
 __all__ = [
     "cancel_pending_for", "checkpoint_if_cancelled_for", "current_task_for", "future_factory",
-    "loop_clock", "running_loop",
+    "loop_clock", "public_cancel_pending", "running_loop",
 ]
 
 logger = logging.getLogger("pool")
@@ -75,7 +75,7 @@ def checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
     return anyio.lowlevel.checkpoint_if_cancelled
 
 
-def _public_cancel_pending(task: object) -> bool:
+def public_cancel_pending(task: object) -> bool:
     """Is a cancel scope around the current task cancelled? (anyio's public answer)"""
     return anyio.current_effective_deadline() == -math.inf
 
@@ -95,7 +95,7 @@ def cancel_pending_for(library: str) -> Callable[[object], bool]:
     here, once per pool start; trio keeps ``checkpoint_if_cancelled``.
     """
     if library != "asyncio":
-        return _public_cancel_pending
+        return public_cancel_pending
     try:
         import importlib
 
@@ -122,12 +122,12 @@ def cancel_pending_for(library: str) -> Callable[[object], bool]:
                 return False
 
             task = asyncio.current_task()
-            if task is not None and pending(task) == _public_cancel_pending(task):
+            if task is not None and pending(task) == public_cancel_pending(task):
                 return pending
     except Exception:  # any surprise: the public call is always right
         pass
     logger.debug("anyio's task states are not usable here; using current_effective_deadline")
-    return _public_cancel_pending
+    return public_cancel_pending
 
 
 def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:

@@ -154,7 +154,7 @@ class TestCancelPending:
     def test_asyncio_uses_the_shortcut(self) -> None:
         async def main() -> None:
             async with anyio.create_task_group():  # an anyio-managed task
-                assert _shims.cancel_pending_for("asyncio") is not _shims._public_cancel_pending
+                assert _shims.cancel_pending_for("asyncio") is not _shims.public_cancel_pending
 
         anyio.run(main)
 
@@ -165,7 +165,7 @@ class TestCancelPending:
         monkeypatch.setattr(_shims, "_anyio_asyncio_backend", module)
 
         async def main() -> None:
-            assert _shims.cancel_pending_for("asyncio") is _shims._public_cancel_pending
+            assert _shims.cancel_pending_for("asyncio") is _shims.public_cancel_pending
             await cancelled_handoff_passes_the_connection_on()
 
         anyio.run(main)
@@ -178,7 +178,7 @@ class TestCancelPending:
         monkeypatch.setattr(backend, "_task_states", SimpleNamespace(data="not a dict"))
 
         async def main() -> None:
-            assert _shims.cancel_pending_for("asyncio") is _shims._public_cancel_pending
+            assert _shims.cancel_pending_for("asyncio") is _shims.public_cancel_pending
 
         asyncio.run(main())
 
