@@ -6,6 +6,7 @@ Like Prisma's read-replicas extension: ``$primary()`` and ``$replica()`` are
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -22,6 +23,7 @@ import anyio
 from . import _config
 from ._errors import ConfigError, ConnectError, PoolError
 from ._pool import Pool, borrow, driver_of, give_back, lends
+from ._shims import running_loop
 from ._stats import PoolStats
 
 __all__ = ["Replicated", "ReplicatedStats"]
@@ -39,6 +41,29 @@ class ReplicatedStats:
     replicas: tuple[PoolStats, ...]
 
 
+def _this_task() -> object:
+    """The running task object (asyncio or trio), to tell a transaction's owner apart."""
+    if running_loop() is not None:
+        return asyncio.current_task()
+    import trio  # Replicated runs on trio with the drivers that do (sqlite)
+
+    return trio.lowlevel.current_task()
+
+
+@dataclass(slots=True, eq=False)
+class _OpenTransaction:
+    """What ``Replicated._tx`` holds while ``async with rp.transaction()`` is open.
+
+    Tasks started inside the block copy the context, so they see this same
+    record; ``owner`` tells them apart from the task that opened it, and
+    ``conn`` is cleared when the block ends, so a task that outlives the block
+    routes normally rather than onto a connection already back in the pool.
+    """
+
+    conn: Any
+    owner: object
+
+
 class Replicated:
     """A primary pool and replica pools behind one query API.
 
@@ -46,10 +71,14 @@ class Replicated:
     or in turn with ``strategy="round_robin"``); ``execute`` and
     ``transaction()`` go to the primary. Inside ``async with rp.transaction()``
     every read through ``rp`` runs on the transaction's own connection, so it
-    sees its own writes. A replica that cannot be reached is skipped (other
-    replicas first, then the primary) with one WARNING, and tried again after
-    ``replica_retry_after`` seconds. With ``read_your_writes=<seconds>``, reads
-    that follow a write in the same task context stay on the primary that long.
+    sees its own writes; that connection belongs to the task that opened the
+    transaction, so a task started inside the block (``asyncio.gather``,
+    ``create_task``, a task group) gets a :class:`PoolError` from ``rp`` while
+    the block is open, and routes as usual after it. A replica that cannot be
+    reached is skipped (other replicas first, then the primary) with one
+    WARNING, and tried again after ``replica_retry_after`` seconds. With
+    ``read_your_writes=<seconds>``, reads that follow a write in the same task
+    context stay on the primary that long.
     Keyword settings apply to every member.
     """
 
@@ -81,8 +110,11 @@ class Replicated:
         self._ryw = read_your_writes
         self._retry_after = replica_retry_after
         self._down_until = [0.0] * len(self._replicas)
-        # Per task context: the open transaction's connection, the last write's time.
-        self._tx: ContextVar[Any] = ContextVar(f"pool_tx_{id(self)}", default=None)
+        # Per task context: the open transaction (its connection and its owning
+        # task), the last write's time.
+        self._tx: ContextVar[_OpenTransaction | None] = ContextVar(
+            f"pool_tx_{id(self)}", default=None
+        )
         self._members_open: contextlib.AsyncExitStack | None = None  # under "async with"
         self._last_write: ContextVar[float] = ContextVar(
             f"pool_write_{id(self)}", default=-math.inf
@@ -101,12 +133,51 @@ class Replicated:
         inside :meth:`transaction`, where a replica would not see the
         transaction's writes.
         """
-        if self._tx.get() is not None:
+        if self._open_transaction() is not None:
             raise PoolError(
                 "replica() was called inside a transaction: a replica cannot see the "
                 "transaction's writes. Read through this object, or use primary()."
             )
         return self._read_order()[0]
+
+    def _open_transaction(self) -> _OpenTransaction | None:
+        """The transaction open around this call (in this task or the one that started it)."""
+        record = self._tx.get()
+        if record is None or record.conn is None:  # none, or its block has ended
+            return None
+        return record
+
+    def _transaction_conn(self, call: str) -> Any:
+        """The open transaction's connection, for its owner; None outside a transaction.
+
+        Another task that inherited the context (``asyncio.gather`` of reads,
+        ``create_task``, a task group started inside the block) is refused
+        rather than routed elsewhere. It must not touch the connection: a
+        driver connection runs one statement at a time (asyncpg: "another
+        operation is in progress"), and interleaving with the owner's own
+        statements inside one transaction has no defined order anyway. Routing
+        it to a replica or another primary connection instead would be silent
+        and wrong: the read would miss the transaction's uncommitted writes
+        (and a write there would run outside the transaction, possibly waiting
+        on its locks while the owner waits for it). A loud error makes the
+        user choose: await the calls one by one in the transaction's task, or
+        read outside the transaction through ``rp.primary()``.
+        """
+        record = self._open_transaction()
+        if record is None:
+            return None
+        if record.owner is not _this_task():
+            raise PoolError(
+                f"{call}() was called from another task than the one that opened the "
+                "transaction around it (asyncio.gather, create_task or a task group "
+                "started inside `async with rp.transaction()`): the transaction's "
+                "connection runs one statement at a time, and a read elsewhere would not "
+                "see the transaction's writes. Await the calls one after another in the "
+                "transaction's task (under asyncio.timeout() rather than "
+                "asyncio.wait_for(), which runs its call in a task of its own before "
+                "Python 3.12), or read outside the transaction through rp.primary()."
+            )
+        return record.conn
 
     def _read_order(self) -> list[Pool[Any]]:
         """Healthy replicas, starting from the strategy's choice, then the primary."""
@@ -151,7 +222,7 @@ class Replicated:
 
     async def _read(self, call: Callable[[Pool[Any]], Awaitable[Any]], method: str,
                     sql: str, args: tuple[Any, ...]) -> Any:
-        conn = self._tx.get()
+        conn = self._transaction_conn(method)
         if conn is not None:
             return await getattr(driver_of(self._primary), method)(conn, sql, args)
         if self._reads_go_to_primary():
@@ -180,7 +251,7 @@ class Replicated:
 
     async def execute(self, sql: str, *args: Any) -> Any:
         """A statement, on the primary (inside a transaction: on its connection)."""
-        conn = self._tx.get()
+        conn = self._transaction_conn("execute")
         self._wrote()
         if conn is not None:
             return await driver_of(self._primary).execute(conn, sql, args)
@@ -285,18 +356,21 @@ async def _disconnect(member: Pool[Any], grace: float) -> None:
 
 
 class _ReplicatedTransaction:
-    __slots__ = ("_inner", "_owner", "_token")
+    __slots__ = ("_inner", "_owner", "_record", "_token")
 
     def __init__(self, owner: Replicated, timeout: float | None) -> None:
         self._owner = owner
         self._inner = owner._primary.transaction(timeout=timeout)
         self._token: Any = None
+        self._record: _OpenTransaction | None = None
 
     async def __aenter__(self) -> Any:
-        if self._owner._tx.get() is not None:
+        # Raises for another task's open transaction; a nested one in this task:
+        if self._owner._transaction_conn("transaction") is not None:
             raise PoolError("a transaction is already open in this task context")
         conn = await self._inner.__aenter__()
-        self._token = self._owner._tx.set(conn)
+        self._record = _OpenTransaction(conn=conn, owner=_this_task())
+        self._token = self._owner._tx.set(self._record)
         self._owner._wrote()
         return conn
 
@@ -306,8 +380,17 @@ class _ReplicatedTransaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._owner._tx.reset(self._token)
-        await self._inner.__aexit__(exc_type, exc, tb)
+        record, self._record = self._record, None
+        try:
+            await self._inner.__aexit__(exc_type, exc, tb)
+        finally:
+            # Cleared only now, after the commit or rollback: until then tasks
+            # that inherited the context are still refused, never handed a
+            # connection. Cleared whatever happened, so none of them can reach
+            # the connection once it is back in the pool.
+            if record is not None:
+                record.conn = None
+            self._owner._tx.reset(self._token)
 
 
 class _Acquire:
@@ -322,7 +405,11 @@ class _Acquire:
 
     async def _take(self) -> Any:
         owner = self._owner
-        if not self._readonly or owner._tx.get() is not None or owner._reads_go_to_primary():
+        if (
+            not self._readonly
+            or owner._open_transaction() is not None
+            or owner._reads_go_to_primary()
+        ):
             self._member = owner._primary
             return await borrow(owner._primary, self._timeout)
         for member in owner._read_order():
