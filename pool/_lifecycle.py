@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from . import _config, _registry
 from ._errors import ConfigError
 from ._pool import Pool
+from ._shims import is_asyncio_runner_sigint, save_signal_handlers
 
 __all__ = ["handle_signals", "recommended_connection_limit", "shared"]
 
@@ -122,21 +124,45 @@ async def handle_signals(
     When a signal comes, each open pool runs its ``on_before_exit`` callbacks
     and disconnects (held connections get ``grace`` seconds); then the signal is
     delivered again with its usual handler, so the process ends exactly as it
-    would have (``KeyboardInterrupt`` for SIGINT, termination for SIGTERM). Must
-    be entered in the main thread.
+    would have (``KeyboardInterrupt`` for SIGINT, termination for SIGTERM), or
+    the app's own handler runs if it had one. The handlers in place when the
+    block was entered are back when it ends, whether they were installed with
+    ``signal.signal`` or ``loop.add_signal_handler`` (on uvloop, which does not
+    let the latter be read back, a WARNING names the signal instead). The
+    signals are watched from the moment the block is entered. Must be entered
+    in the main thread.
     """
     _config.check_seconds("grace", grace)
     wanted = tuple(signals)
 
-    async def watch() -> None:
-        with anyio.open_signal_receiver(*wanted) as received:
-            signum = await anext(aiter(received))
-            await _disconnect_everything(grace)
+    async def watch(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # anyio's receiver on asyncio removes its loop handlers by leaving
+        # SIG_DFL behind, not what was there: the app's own handler would be
+        # gone, and its next SIGTERM would kill the process.
+        restore = save_signal_handlers(wanted)
+        entered = False  # outside the main thread the receiver fails, having changed nothing
+        try:
+            with anyio.open_signal_receiver(*wanted) as received:
+                entered = True
+                task_status.started()
+                signum = await anext(aiter(received))
+                await _disconnect_everything(grace)
+        finally:
+            if entered:
+                restore()  # synchronous: it runs under a cancellation too
+        if signum == signal.SIGINT and is_asyncio_runner_sigint(signal.getsignal(signum)):
+            # asyncio.run's handler would only cancel the main task, and the
+            # block, whose pool calls have just failed with PoolClosedError,
+            # would end with that error instead of the KeyboardInterrupt that
+            # handler stands for: raise it here, as Python's own handler does.
+            raise KeyboardInterrupt
         # Our receiver is gone and the usual handler is back: deliver it again.
         signal.raise_signal(signum)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
+        # start(), not start_soon(): a signal right after the block is entered
+        # already finds the receiver.
+        await tg.start(watch)
         try:
             yield
         finally:

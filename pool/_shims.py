@@ -5,6 +5,10 @@ the hot path. Either may move in a newer release: each is verified when a pool
 starts, and a shortcut that does not answer like the public call is replaced by
 the public call. A newer Python or anyio then loses a little speed, never
 correctness nor a holder's name in a report.
+
+``save_signal_handlers`` reads asyncio's table of loop-level signal handlers,
+which no public call exposes; without it, it restores what ``signal.getsignal``
+reports and warns about the one thing it then cannot put back.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import asyncio
 import functools
 import logging
 import math
+import signal
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import anyio.lowlevel
 
 __all__ = [
     "cancel_pending_for", "checkpoint_if_cancelled_for", "current_task_for", "future_factory",
-    "loop_clock", "public_cancel_pending", "running_loop",
+    "is_asyncio_runner_sigint", "loop_clock", "public_cancel_pending", "running_loop",
+    "save_signal_handlers",
 ]
 
 logger = logging.getLogger("pool")
@@ -32,6 +38,7 @@ logger = logging.getLogger("pool")
 _asyncio_tasks: object = asyncio.tasks
 _anyio_eventloop_module = "anyio._core._eventloop"
 _anyio_asyncio_backend = "anyio._backends._asyncio"
+_loop_signal_handlers = "_signal_handlers"  # asyncio's BaseSelectorEventLoop (Unix)
 
 
 def current_task_for(library: str) -> Callable[[], object]:
@@ -166,3 +173,92 @@ def _public_running_loop() -> asyncio.AbstractEventLoop | None:
 running_loop: Callable[[], asyncio.AbstractEventLoop | None] = getattr(
     asyncio, "_get_running_loop", _public_running_loop
 )
+
+
+def save_signal_handlers(signals: Iterable[int]) -> Callable[[], None]:
+    """How each of ``signals`` is handled now; calling the result puts that back.
+
+    anyio's ``open_signal_receiver`` on asyncio goes through
+    ``loop.add_signal_handler``, and its ``remove_signal_handler`` leaves
+    ``SIG_DFL`` behind (``default_int_handler`` for SIGINT), whatever was there
+    before: the app's own handler is gone and its next SIGTERM kills the
+    process. A handler installed with ``signal.signal`` comes back through
+    ``signal.signal``. One installed with ``loop.add_signal_handler`` lives in
+    the loop's private table of Handle objects (``signal.getsignal`` only shows
+    the loop's wake-up no-op): the very ``Handle`` is put back there, after
+    ``add_signal_handler`` has redone the public half (the wake-up fd, the
+    no-op at the C level). Where that table is not there (uvloop hides it; a
+    newer Python may move it), such a handler cannot be put back: it is left as
+    anyio left it, with a WARNING, rather than restoring the bare no-op, which
+    would silently ignore the signal. Call both in the loop's thread (the main
+    thread, where signal handlers are set).
+    """
+    loop = running_loop()
+    table: dict[int, object] | None = None
+    if loop is not None:
+        found = getattr(loop, _loop_signal_handlers, None)
+        if isinstance(found, dict) and all(
+            isinstance(h, asyncio.Handle) for h in found.values()
+        ):
+            table = found
+        else:
+            logger.debug(
+                "the event loop's signal handler table is not readable here; "
+                "restoring handlers through signal.signal only"
+            )
+    saved = [
+        (sig, signal.getsignal(sig), None if table is None else table.get(sig))
+        for sig in dict.fromkeys(signals)  # each once, in order
+    ]
+
+    def restore() -> None:
+        for sig, previous, handle in saved:
+            if isinstance(handle, asyncio.Handle) and loop is not None:
+                if handle.cancelled() or loop.is_closed():
+                    continue  # the app removed it meanwhile, or its loop is gone
+                loop.add_signal_handler(sig, _placeholder)
+                live = getattr(loop, _loop_signal_handlers, None)
+                if isinstance(live, dict):
+                    live[sig] = handle  # the app's own Handle: its callback, args, context
+                continue
+            if previous is None:
+                continue  # installed from outside Python: nothing we can set back
+            if loop is not None and _is_loop_dispatch(previous, loop):
+                logger.warning(
+                    "%s had a handler installed with loop.add_signal_handler, which this "
+                    "event loop (%s) does not let pool.handle_signals() read back; it is "
+                    "not restored: install it again after the block",
+                    signal.Signals(sig).name,
+                    type(loop).__name__,
+                )
+                continue
+            signal.signal(sig, previous)
+
+    return restore
+
+
+def _placeholder() -> None:
+    """Stands in for the app's Handle while ``add_signal_handler`` sets the signal up."""
+
+
+def _is_loop_dispatch(handler: object, loop: asyncio.AbstractEventLoop) -> bool:
+    """Is ``handler`` the loop's own C-level stand-in (asyncio's no-op, uvloop's method)?"""
+    if getattr(handler, "__self__", None) is loop:  # uvloop: a bound method of the loop
+        return True
+    return (  # asyncio's: a module-level no-op, the same for every loop
+        getattr(handler, "__module__", None) == "asyncio.unix_events"
+        and getattr(handler, "__qualname__", None) == "_sighandler_noop"
+    )
+
+
+def is_asyncio_runner_sigint(handler: object) -> bool:
+    """Is ``handler`` the SIGINT handler ``asyncio.run`` installs (``Runner._on_sigint``)?
+
+    It stands for Python's own SIGINT behaviour, not the app's: it cancels the
+    main task and raises KeyboardInterrupt once that task ends cancelled. Found
+    by name only (no private attribute is read); anything else answers False.
+    """
+    func = getattr(handler, "func", None)  # a functools.partial binding main_task
+    return getattr(func, "__qualname__", None) == "Runner._on_sigint" and getattr(
+        func, "__module__", None
+    ) == "asyncio.runners"
