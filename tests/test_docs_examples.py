@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import MYSQL_ADMIN_URL, POSTGRES_URL, require
+from tests.servers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
@@ -37,6 +37,10 @@ MAX_NO_RUN = 6
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
 _NO_RUN = re.compile(r"<!--\s*no-run\b[^>]*-->")
+_POSTGRES = re.compile(r"\bpostgres(?:ql)?(?:\+\w+)?://")
+_MYSQL = re.compile(r"\b(?:mysql|mariadb)(?:\+\w+)?://")
+#: a server the examples name by port (the replica on 5433, PgBouncer on 6433)
+_LOCAL_PORT = re.compile(r"@localhost:(\d+)|,localhost:(\d+)")
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,24 @@ BLOCKS = [block for path in SOURCES for block in _blocks(path)]
 
 def _marks(code: str) -> list[pytest.MarkDecorator]:
     marks = []
-    if "postgresql://" in code or "postgres://" in code:
+    if _POSTGRES.search(code):
         marks.append(pytest.mark.postgres)
-    if "mysql://" in code or "mariadb://" in code:
+    if _MYSQL.search(code):
         marks.append(pytest.mark.mysql)
     return marks
+
+
+def _servers(code: str) -> dict[int, str]:
+    """The local servers a block talks to: port -> what to call it when it is down."""
+    ports: dict[int, str] = {}
+    if _POSTGRES.search(code):
+        ports[5432] = "PostgreSQL"
+    if _MYSQL.search(code):
+        ports[3306] = "MariaDB/MySQL"
+    for match in _LOCAL_PORT.finditer(code):
+        port = int(match[1] or match[2])
+        ports.setdefault(port, f"the test server on port {port}")
+    return ports
 
 
 def test_docs_have_examples() -> None:
@@ -107,10 +124,8 @@ def test_few_examples_are_left_unrun() -> None:
 def test_example_runs(
     block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if any(mark.name == "postgres" for mark in _marks(block.code)):
-        require(POSTGRES_URL, "PostgreSQL")
-    if any(mark.name == "mysql" for mark in _marks(block.code)):
-        require(MYSQL_ADMIN_URL, "MariaDB/MySQL")
+    for port, what in _servers(block.code).items():
+        require(f"tcp://127.0.0.1:{port}", what)
     monkeypatch.chdir(tmp_path)
     # the line numbers in a traceback are the Markdown file's
     source = "\n" * block.line + block.code
