@@ -1,4 +1,4 @@
-"""The command line: ``poolbench`` / ``python -m benchmarks``."""
+"""The command line: ``poolbench`` / ``python -m pool_benchmarks``."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--meter", action="store_true",
         help="add pool[otel]: this pool with an OpenTelemetry SDK meter provider (an "
-        "in-memory reader), beside the plain pool; needs pip install 'pool[otel]' "
+        "in-memory reader), beside the plain pool; needs pip install 'pool-engine[otel]' "
         "opentelemetry-sdk",
     )
     parser.add_argument("--json", metavar="FILE", help="write every raw figure to FILE")
@@ -306,7 +306,9 @@ def _bench(
         try:
             progress = _Bar(units(plan, subjects))
         except ImportError:
-            results.note("tqdm is not installed: no progress bar (pip install 'pool[bench]').")
+            results.note(
+                "tqdm is not installed: no progress bar (pip install 'pool-engine[bench]')."
+            )
 
     started = time.perf_counter()
     try:
@@ -323,7 +325,10 @@ def _bench(
         try:
             plot(results, args.plot)
         except ImportError:
-            results.note("--plot skipped: matplotlib is not installed (pip install 'pool[bench]').")
+            results.note(
+                "--plot skipped: matplotlib is not installed"
+                " (pip install 'pool-engine[bench-full]')."
+            )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(to_json(results))

@@ -4,7 +4,7 @@ It hands a released connection straight to the oldest waiting future, and
 that is all: no timeout, no diagnosis, no cancellation check after a handoff,
 no health checks, no growth, no disconnect. It shows what the handoff itself
 costs on asyncio, so that what this pool spends beyond it can be measured
-(``benchmarks.instructions`` and ``benchmarks.floor``). Not a peer: nobody
+(``pool_benchmarks.instructions`` and ``pool_benchmarks.floor``). Not a peer: nobody
 should run a service on it.
 """
 

@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 
 import pool
 from pool import _config
-from pool._driver import Driver, load_driver
+from pool._driver import DISTRIBUTION, Driver, load_driver
 
 from ._stub import StubDriver
 
@@ -195,7 +195,7 @@ class Ours(Subject):
 
     name = "pool"
     role = "ours"
-    package = "pool"
+    package = DISTRIBUTION
     style: ClassVar[Style] = "both"
     applies = ALL
     note = (
@@ -306,7 +306,7 @@ class OursMeter(Ours):
     @property
     def unavailable(self) -> str | None:
         if _missing(self.modules):
-            return "n/a (pip install 'pool[otel]' opentelemetry-sdk)"
+            return "n/a (pip install 'pool-engine[otel]' opentelemetry-sdk)"
         return None
 
     def _more(self) -> dict[str, Any]:
@@ -950,8 +950,10 @@ def subjects_for(
             continue
         missing = _missing(peer.modules)
         if missing:
+            # the SQLite peers are the main job's (the bench extra); the others, bench-full's
+            extra = "bench" if scheme == "sqlite" else "bench-full"
             skipped[peer.name] = (
-                f"not installed ({', '.join(missing)}): pip install 'pool[bench]'"
+                f"not installed ({', '.join(missing)}): pip install 'pool-engine[{extra}]'"
             )
             continue
         if scheme == "sqlite" and sqlite_path(url) is None:

@@ -1,6 +1,6 @@
 """Judge the targets on the median of several runs.
 
-    python -m benchmarks.combine A.json B.json C.json [--json OUT]
+    python -m pool_benchmarks.combine A.json B.json C.json [--json OUT]
 
 Each run's JSON (``poolbench --json``) holds per-round figures. Here every
 figure becomes one value per run, that run's median, and the targets are
@@ -42,7 +42,7 @@ def combine(docs: Sequence[dict[str, Any]], names: Sequence[str]) -> Results:
     first = docs[0]
     results.meta = dict(first.get("meta", {}))
     results.meta["combined"] = list(names)
-    results.meta["command"] = "python -m benchmarks.combine " + " ".join(names)
+    results.meta["command"] = "python -m pool_benchmarks.combine " + " ".join(names)
     for doc in docs:
         for name, pool in doc.get("pools", {}).items():
             results.add_pool(name, pool["role"], pool["label"], pool["note"],
@@ -72,7 +72,7 @@ def combine(docs: Sequence[dict[str, Any]], names: Sequence[str]) -> Results:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.combine",
+        prog="python -m pool_benchmarks.combine",
         description="Judge poolbench's targets on the median of several runs' JSON files.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN.json")

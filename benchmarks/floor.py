@@ -1,6 +1,6 @@
 """W2 beside its floor: this pool, the raw-connection limit and a minimal FIFO pool.
 
-    python -m benchmarks.floor --url postgresql://... [--rounds 6] [--json OUT]
+    python -m pool_benchmarks.floor --url postgresql://... [--rounds 6] [--json OUT]
 
 W2 (``SELECT 1``, 100 tasks on 10 connections) for three subjects on the same
 driver's connections: this pool, the limit (a lock per connection, no pool),
@@ -77,7 +77,7 @@ async def _run(url: str, rounds: int, duration: float) -> dict[str, dict[str, li
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.floor",
+        prog="python -m pool_benchmarks.floor",
         description="W2 for this pool, the raw-connection limit and a minimal FIFO pool.",
     )
     parser.add_argument("--url", required=True)
@@ -94,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:8} {qps:>9,.0f} queries/s ({qps / limit:.3f}x the limit), "
               f"{cpu:5.1f} µs of client CPU per query (median of {args.rounds})")
     if args.json:
-        doc = {"tool": "benchmarks.floor", "command": " ".join(["python -m benchmarks.floor",
-               *(sys.argv[1:] if argv is None else argv)]), "figures": figures}
+        command = ["python -m pool_benchmarks.floor", *(sys.argv[1:] if argv is None else argv)]
+        doc = {"tool": "pool_benchmarks.floor", "command": " ".join(command), "figures": figures}
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -1,6 +1,6 @@
 """Instructions per acquire/release cycle, counted by valgrind: repeatable on a busy machine.
 
-    python -m benchmarks.instructions [--json OUT]
+    python -m pool_benchmarks.instructions [--json OUT]
 
 Each subject runs a fixed number of cycles under ``valgrind --tool=callgrind``;
 the same program with zero cycles (imports, setup) is counted too, and the
@@ -90,7 +90,7 @@ def _count(subject: str, mode: str, cycles: int) -> int:
     tasks, size, _ = MODES[mode]
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, "-m", "benchmarks.instructions", "--child",
+         sys.executable, "-m", "pool_benchmarks.instructions", "--child",
          subject, str(tasks), str(size), str(cycles)],
         capture_output=True, text=True, check=True,
     )
@@ -102,7 +102,7 @@ def _count(subject: str, mode: str, cycles: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.instructions",
+        prog="python -m pool_benchmarks.instructions",
         description="Instructions per acquire/release cycle (valgrind's callgrind).",
     )
     parser.add_argument("--json", metavar="OUT", help="write the counts to OUT")
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{mode:10} {subject:8} {cost:>8,} instructions per cycle", flush=True)
     if args.json:
         doc = {
-            "tool": "benchmarks.instructions",
+            "tool": "pool_benchmarks.instructions",
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "modes": {m: {"tasks": t, "connections": s, "cycles": c}
                       for m, (t, s, c) in MODES.items()},

@@ -1,8 +1,11 @@
 """Database adapters for the ``pool`` engine, one module per database.
 
+Installed as ``pool_drivers`` (the repository keeps them in ``drivers/``), so
+that an application's own ``drivers`` package shadows nothing.
+
 Each module exposes ``create(url, *, connect_timeout, socket_timeout)`` that
 returns an adapter satisfying ``pool._driver.Driver`` structurally. A driver
-never imports the engine: the dependency points one way, pool -> drivers.
+never imports the engine: the dependency points one way, pool -> pool_drivers.
 
 ``url`` reaches a driver with the pool's own parameters already removed; the
 driver validates the parameters that remain and raises :class:`InvalidParameter`

@@ -1,6 +1,6 @@
 """Run a short load on a pool and print its OpenTelemetry metrics.
 
-    pip install 'pool[postgres,otel]' opentelemetry-sdk
+    pip install 'pool-engine[postgres,otel]' opentelemetry-sdk
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test python examples/metrics.py
 
 In an application, the reader would be an exporter's (OTLP, Prometheus);

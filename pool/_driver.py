@@ -1,7 +1,9 @@
 """The one plug-in point: what the engine needs from a database driver.
 
-Drivers live in the top-level ``drivers`` package and never import the engine;
-they satisfy :class:`Driver` structurally. The engine imports a driver module
+The bundled drivers live in the ``pool_drivers`` package (the repository's
+``drivers/`` folder, installed under a name of ours so that a project's own
+``drivers/`` shadows nothing) and never import the engine; they satisfy
+:class:`Driver` structurally. The engine imports a driver module
 only when a URL with its scheme is opened, so a MySQL user needs no asyncpg.
 """
 
@@ -15,7 +17,11 @@ from ._errors import ConfigError
 
 C = TypeVar("C")
 
-__all__ = ["Driver", "check_runs_on", "load_driver"]
+__all__ = ["DISTRIBUTION", "Driver", "check_driver", "check_runs_on", "load_driver"]
+
+#: the distribution that installs the ``pool`` package: what every install hint
+#: names (``pool`` on PyPI is another project)
+DISTRIBUTION = "pool-engine"
 
 
 class Driver(Protocol[C]):
@@ -126,17 +132,47 @@ class Driver(Protocol[C]):
 
 # scheme -> (driver module, the extra that installs its library)
 _SCHEMES: dict[str, tuple[str, str]] = {
-    "postgresql": ("drivers.postgres", "postgres"),
-    "postgres": ("drivers.postgres", "postgres"),
-    "mysql": ("drivers.mysql", "mysql"),
-    "mariadb": ("drivers.mysql", "mysql"),
-    "sqlite": ("drivers.sqlite", ""),
+    "postgresql": ("pool_drivers.postgres", "postgres"),
+    "postgres": ("pool_drivers.postgres", "postgres"),
+    "mysql": ("pool_drivers.mysql", "mysql"),
+    "mariadb": ("pool_drivers.mysql", "mysql"),
+    "sqlite": ("pool_drivers.sqlite", ""),
 }
 
 SUPPORTED_SCHEMES = tuple(_SCHEMES)
 
 #: the built-in drivers that run on trio (the others need asyncio)
 TRIO_SCHEMES = ("sqlite",)
+
+
+#: what the engine calls without asking first: a driver that lacks one fails at
+#: ``Pool()``, not at the first acquire with a bare AttributeError. The rest of
+#: :class:`Driver` (``executemany``, ``server_max_connections``, and the members
+#: its docstring lists as optional) is asked for with ``getattr`` or only when used.
+REQUIRED_METHODS = (
+    "connect", "close", "terminate", "is_alive", "ping", "in_transaction",
+    "begin", "commit", "rollback", "fetch", "fetchrow", "fetchval", "execute",
+)
+
+
+def check_driver(driver: object) -> None:
+    """A ``Pool(driver=...)`` that cannot serve is a ConfigError naming what it lacks."""
+    if isinstance(driver, type):
+        raise ConfigError(
+            "driver",
+            driver.__name__,
+            f"must be a driver object, not a class: pass {driver.__name__}(...)",
+        )
+    missing = [name for name in REQUIRED_METHODS if not callable(getattr(driver, name, None))]
+    if not isinstance(getattr(driver, "scheme", None), str):
+        # read in log lines and error messages
+        missing.insert(0, "scheme (a str)")
+    if missing:
+        raise ConfigError(
+            "driver",
+            type(driver).__name__,
+            f"does not satisfy pool.Driver: it has no {', '.join(missing)}",
+        )
 
 
 def check_runs_on(driver: Driver[Any], library: str) -> None:
@@ -177,14 +213,14 @@ def load_driver(
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if (exc.name or "").startswith("drivers"):
+        if (exc.name or "").startswith("pool_drivers"):
             raise  # our own package is broken: not the user's doing
         raise ConfigError(
             "url",
             scheme + "://",
-            f"needs the {exc.name or 'driver'} package: pip install 'pool[{extra}]'",
+            f"needs the {exc.name or 'driver'} package: pip install '{DISTRIBUTION}[{extra}]'",
         ) from exc
-    from drivers import InvalidParameter
+    from pool_drivers import InvalidParameter
 
     try:
         if connect_args:

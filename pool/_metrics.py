@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
+from ._driver import DISTRIBUTION
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def _histogram(meter: Any, name: str, description: str) -> Any:
 
 def _version() -> str:
     try:
-        return importlib.metadata.version("pool")
+        return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         return "0"
 
@@ -274,7 +275,7 @@ def _instruments_for(meter_provider: Any) -> _Instruments:
 
 def _missing() -> ConfigError:
     return ConfigError(
-        "meter_provider", "***", "needs OpenTelemetry: pip install 'pool[otel]'"
+        "meter_provider", "***", f"needs OpenTelemetry: pip install '{DISTRIBUTION}[otel]'"
     )
 
 
@@ -310,7 +311,7 @@ def instrument(meter_provider: Any = None) -> None:
     ``.wait_time``, ``.use_time``), each with ``db.client.connection.pool.name``,
     on ``meter_provider`` (the global one, ``opentelemetry.metrics``, when
     None) for the pools built so far and every pool built later. Calling it
-    again with the same provider does nothing. Needs ``pip install 'pool[otel]'``
+    again with the same provider does nothing. Needs ``pip install 'pool-engine[otel]'``
     (``opentelemetry-api``); a pool that is not instrumented pays nothing.
     """
     ins = _instruments_for(meter_provider)

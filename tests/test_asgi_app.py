@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.asgi.__main__ import parse_wrk, summarise, table, verdict
-from benchmarks.asgi.backends import BACKENDS
+from pool_benchmarks.asgi.__main__ import parse_wrk, summarise, table, verdict
+from pool_benchmarks.asgi.backends import BACKENDS
 from tests import servers
 
 httpx = pytest.importorskip("httpx")
@@ -25,8 +25,8 @@ async def test_the_app_serves_db_and_queries(subject: str) -> None:
     if subject.startswith(("psycopg_pool", "sqlalchemy")):
         pytest.importorskip(subject.split("[")[0])
     servers.require(servers.POSTGRES_URL, "PostgreSQL")
-    from benchmarks.asgi.app import create_app
-    from benchmarks.asgi.world import ROWS, ensure_world
+    from pool_benchmarks.asgi.app import create_app
+    from pool_benchmarks.asgi.world import ROWS, ensure_world
 
     await ensure_world(servers.POSTGRES_URL)
     app = create_app(subject, servers.POSTGRES_URL, 2)
@@ -105,7 +105,7 @@ def test_table_and_verdict() -> None:
 
 
 def test_several_runs_pool_their_rounds() -> None:
-    from benchmarks.asgi.__main__ import pooled
+    from pool_benchmarks.asgi.__main__ import pooled
 
     def figures(rps: float) -> dict[str, object]:
         one = {**parse_wrk(WRK_SAMPLE), "rps": rps, "cpu_us_per_request": 80.0}

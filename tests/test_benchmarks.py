@@ -1,4 +1,4 @@
-"""poolbench, run the way users run it: ``python -m benchmarks`` in a subprocess.
+"""poolbench, run the way users run it: ``python -m pool_benchmarks`` in a subprocess.
 
 These tests check what the tool prints and writes (the tables, the JSON's
 keys per workload and pool, that no password leaks), never how fast anything
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks._workloads import _FifoCheck
+from pool_benchmarks._workloads import _FifoCheck
 from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +41,12 @@ W5_METRICS = {"seconds", "opened"}
 def poolbench(
     *args: str, block: Sequence[str] = (), timeout: float = 90
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m benchmarks *args`` with ``block``'s modules made unimportable."""
+    """Run ``python -m pool_benchmarks *args`` with ``block``'s modules made unimportable."""
     code = (
         "import sys\n"
         f"for name in {tuple(block)!r}:\n"
         "    sys.modules[name] = None\n"
-        "from benchmarks.__main__ import main\n"
+        "from pool_benchmarks.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -213,7 +213,7 @@ class TestEmbeddedDefault:
         rw = rows(section(stdout, "RW"))
         assert set(rw) >= default | lfl | {"1"}  # "1 writer": the single-writer ceiling
         # pool[reset] is a row either way: measured, or saying this build lacks it
-        from benchmarks._peers import supports_reset_session
+        from pool_benchmarks._peers import supports_reset_session
 
         if supports_reset_session():
             assert "pool[reset]" in w2 and "n/a" not in w2["pool[reset]"]
@@ -371,7 +371,7 @@ class TestFifoCheck:
 class TestTargets:
     @staticmethod
     def w1(pool: float, limit: float, peer: float) -> list[Any]:
-        from benchmarks._report import Results, targets
+        from pool_benchmarks._report import Results, targets
 
         results = Results()
         results.add_pool("pool", "ours", "pool", "")
@@ -394,8 +394,8 @@ class TestTargets:
 
 class TestCombine:
     def test_targets_are_judged_on_the_median_of_the_runs(self, tmp_path: Path) -> None:
-        from benchmarks import combine
-        from benchmarks._report import Results, to_json
+        from pool_benchmarks import combine
+        from pool_benchmarks._report import Results, to_json
 
         paths = []
         for i, (ours, limit) in enumerate([(90.0, 100.0), (96.0, 100.0), (97.0, 100.0)]):
@@ -417,7 +417,7 @@ class TestCombine:
         assert rounds == [90.0, 96.0, 97.0]
 
     def test_refuses_a_file_that_is_not_a_run(self, tmp_path: Path) -> None:
-        from benchmarks import combine
+        from pool_benchmarks import combine
 
         other = tmp_path / "other.json"
         other.write_text('{"tool": "something else"}')
@@ -430,7 +430,7 @@ class TestFloorTools:
     def test_the_minimal_pool_is_fifo_and_passes_on_a_cancelled_handoff(self) -> None:
         import asyncio
 
-        from benchmarks._minimal import MinimalPool
+        from pool_benchmarks._minimal import MinimalPool
 
         async def main() -> list[str]:
             minimal = MinimalPool(["conn"])
@@ -454,7 +454,8 @@ class TestFloorTools:
     @pytest.mark.parametrize("subject", ["pool", "lock", "minimal"])
     def test_each_subject_of_the_instruction_count_runs(self, subject: str) -> None:
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.instructions", "--child", subject, "10", "2", "200"],
+            [sys.executable, "-m", "pool_benchmarks.instructions", "--child", subject,
+             "10", "2", "200"],
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )
         assert proc.returncode == 0, proc.stderr
@@ -463,7 +464,7 @@ class TestFloorTools:
         servers.require(servers.POSTGRES_URL, "PostgreSQL")
         out = tmp_path / "floor.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.floor", "--url", servers.POSTGRES_URL,
+            [sys.executable, "-m", "pool_benchmarks.floor", "--url", servers.POSTGRES_URL,
              "--rounds", "1", "--duration", "0.2", "--json", str(out)],
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )

@@ -151,8 +151,8 @@ class TestDriverLoading:
 
         code = (
             "import sys, pool; "
-            "loaded = [m for m in ('asyncpg', 'aiomysql', 'pymysql', 'drivers.postgres', "
-            "'drivers.mysql') if m in sys.modules]; "
+            "loaded = [m for m in ('asyncpg', 'aiomysql', 'pymysql', 'pool_drivers.postgres', "
+            "'pool_drivers.mysql') if m in sys.modules]; "
             "pool.Pool('sqlite:///x.db'); "
             "loaded += [m for m in ('asyncpg', 'aiomysql') if m in sys.modules]; "
             "print(loaded)"
@@ -168,6 +168,6 @@ class TestDriverLoading:
         import sys
 
         monkeypatch.setitem(sys.modules, "asyncpg", None)  # as if not installed
-        monkeypatch.delitem(sys.modules, "drivers.postgres", raising=False)
-        with pytest.raises(pool.ConfigError, match=r"pip install 'pool\[postgres\]'"):
+        monkeypatch.delitem(sys.modules, "pool_drivers.postgres", raising=False)
+        with pytest.raises(pool.ConfigError, match=r"pip install 'pool-engine\[postgres\]'"):
             pool.Pool("postgresql://app@127.0.0.1/shop")

@@ -24,10 +24,10 @@ import anyio
 import pytest
 import pytest_asyncio
 
-from drivers import InvalidParameter
-from drivers.sqlite import SQLiteConnection
 from pool._driver import Driver, load_driver
 from pool._errors import ConfigError
+from pool_drivers import InvalidParameter
+from pool_drivers.sqlite import SQLiteConnection
 from tests.servers import MYSQL_URL, POSTGRES_URL, SECRET, require
 
 DRIVERS = [
@@ -135,9 +135,9 @@ class TestShape:
     @pytest.mark.parametrize(
         ("module", "adapter"),
         [
-            ("drivers.postgres", "PostgresDriver"),
-            ("drivers.mysql", "MySQLDriver"),
-            ("drivers.sqlite", "SQLiteDriver"),
+            ("pool_drivers.postgres", "PostgresDriver"),
+            ("pool_drivers.mysql", "MySQLDriver"),
+            ("pool_drivers.sqlite", "SQLiteDriver"),
         ],
     )
     def test_adapter_has_every_method_of_the_protocol(self, module: str, adapter: str) -> None:
@@ -154,7 +154,7 @@ class TestShape:
 
     def test_drivers_never_import_the_engine(self) -> None:
         code = (
-            "import sys, drivers.postgres, drivers.mysql, drivers.sqlite;"
+            "import sys, pool_drivers.postgres, pool_drivers.mysql, pool_drivers.sqlite;"
             "leaked = sorted(m for m in sys.modules if m.split('.')[0] == 'pool');"
             "assert not leaked, leaked"
         )
@@ -459,9 +459,9 @@ class TestDeclarations:
     @pytest.mark.parametrize(
         ("module", "adapter", "libraries"),
         [
-            ("drivers.postgres", "PostgresDriver", ("asyncio",)),
-            ("drivers.mysql", "MySQLDriver", ("asyncio",)),
-            ("drivers.sqlite", "SQLiteDriver", ("asyncio", "trio")),
+            ("pool_drivers.postgres", "PostgresDriver", ("asyncio",)),
+            ("pool_drivers.mysql", "MySQLDriver", ("asyncio",)),
+            ("pool_drivers.sqlite", "SQLiteDriver", ("asyncio", "trio")),
         ],
     )
     def test_async_libraries_and_the_optional_members(
@@ -491,7 +491,7 @@ class TestDeclarations:
                 if not line.startswith(("import ", "from ")) or line.startswith("from ."):
                     continue
                 top = line.split()[1].split(".")[0]
-                if top in ("pool", "drivers", "__future__"):
+                if top in ("pool", "pool_drivers", "__future__"):
                     continue
                 assert top in stdlib or top in declared, f"{path.name}: {line}"
 
@@ -560,7 +560,7 @@ def create(url: str) -> Any:
     module = {"postgresql": "postgres", "postgres": "postgres", "mariadb": "mysql"}.get(
         scheme, scheme
     )
-    return importlib.import_module(f"drivers.{module}").create(
+    return importlib.import_module(f"pool_drivers.{module}").create(
         url, connect_timeout=5, socket_timeout=None
     )
 

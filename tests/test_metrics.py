@@ -297,9 +297,9 @@ async def test_pool_names_never_hold_the_password(seen: Callable[[object], None]
 async def test_a_missing_extra_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in ("opentelemetry", "opentelemetry.metrics"):
         monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(pool.ConfigError, match=r"pip install 'pool\[otel\]'"):
+    with pytest.raises(pool.ConfigError, match=r"pip install 'pool-engine\[otel\]'"):
         pool.Pool("sqlite:///:memory:", meter_provider=object())
-    with pytest.raises(pool.ConfigError, match=r"pip install 'pool\[otel\]'"):
+    with pytest.raises(pool.ConfigError, match=r"pip install 'pool-engine\[otel\]'"):
         pool.instrument()
 
 

@@ -21,10 +21,10 @@ import pytest
 import pytest_asyncio
 
 import pool
-from drivers import InvalidParameter
-from drivers._hosts import NoSuitableHost
 from pool._config import parse, redact_url, secrets_of
 from pool._driver import Driver, load_driver
+from pool_drivers import InvalidParameter
+from pool_drivers._hosts import NoSuitableHost
 from tests.servers import (
     MYSQL_ADMIN_URL,
     MYSQL_URL,
@@ -627,13 +627,13 @@ class TestEngineSideGaps:
     async def test_async_libraries(self, module: str, libraries: tuple[str, ...]) -> None:
         import importlib
 
-        mod = importlib.import_module(f"drivers.{module}")
+        mod = importlib.import_module(f"pool_drivers.{module}")
         url = {"postgres": "postgresql://h/db", "mysql": "mysql://h/db"}.get(module, "sqlite:///x")
         assert mod.create(url, connect_timeout=1, socket_timeout=None).async_libraries == libraries
 
 
 async def test_invalid_parameter_is_what_drivers_raise() -> None:
-    from drivers.postgres import create
+    from pool_drivers.postgres import create
 
     with pytest.raises(InvalidParameter):
         create("postgresql://h/db?sslidentity=x", connect_timeout=1, socket_timeout=None)

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.asgi``: each pool in turn behind the ASGI app, under ``wrk``.
+"""``python -m pool_benchmarks.asgi``: each pool in turn behind the ASGI app, under ``wrk``.
 
 For each subject, in turn: start uvicorn (one worker, uvloop and httptools when
 installed) on a free loopback port with the app backed by that pool, warm up,
@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 def _server_args(port: int) -> list[str]:
     args = [
-        sys.executable, "-m", "uvicorn", "benchmarks.asgi.app:factory", "--factory",
+        sys.executable, "-m", "uvicorn", "pool_benchmarks.asgi.app:factory", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
         "--log-level", "warning", "--lifespan", "on",
     ]
@@ -299,7 +299,7 @@ async def _server_version(url: str) -> str:
 def meta(url: str, args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.asgi " + " ".join(argv),
+        "command": "python -m pool_benchmarks.asgi " + " ".join(argv),
         "url": redact_url(url),
         "size": args.size,
         "rounds": args.rounds,
@@ -344,7 +344,7 @@ def pooled(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.asgi", description=(__doc__ or "").split("\n")[0]
+        prog="python -m pool_benchmarks.asgi", description=(__doc__ or "").split("\n")[0]
     )
     p.add_argument("--url", default=os.environ.get("POOL_ASGI_URL", DEFAULT_URL))
     p.add_argument("--subjects", default=",".join(BACKENDS), help="comma-separated")

@@ -1,7 +1,7 @@
 """The ASGI app: ``/db`` and ``/queries`` on whichever pool backs it.
 
 ``create_app(subject, url, size)`` builds it; :func:`factory` reads the same
-from the environment for ``uvicorn benchmarks.asgi.app:factory --factory``
+from the environment for ``uvicorn pool_benchmarks.asgi.app:factory --factory``
 (``ASGI_BENCH_SUBJECT``, ``ASGI_BENCH_URL``, ``ASGI_BENCH_SIZE``). The pool
 opens in the app's lifespan and closes when the server stops.
 """

@@ -5,7 +5,7 @@ Every backend answers the same two calls with the library's own API:
 :meth:`Backend.many` (acquire one connection, run the queries on it one after
 another, release it). Each opens ``size`` connections when the app starts.
 
-The subjects mirror :mod:`benchmarks._peers`: each peer with its defaults, and
+The subjects mirror :mod:`pool_benchmarks._peers`: each peer with its defaults, and
 like-for-like (``[lfl]``) set up to make this pool's round trips (one per
 statement, nothing on release, no BEGIN/COMMIT). ``pool[reset]`` is this pool
 with ``reset_session=true``, a reset on every release like asyncpg's default.
