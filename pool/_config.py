@@ -254,6 +254,92 @@ _ALIASES = {
     "acquire_timeout": "pool_timeout",
 }
 
+_LAZY = "the pool opens lazily and keeps no minimum; await db.connect() opens one at start"
+_LIMIT = "connection_limit is the most connections the pool opens"
+_LIFETIME = "a connection older than max_connection_lifetime seconds is replaced"
+_IDLE = "a connection idle longer than max_idle_connection_lifetime seconds (default 300) is closed"
+
+#: The keywords a user of asyncpg, psycopg_pool, SQLAlchemy or aiomysql passes
+#: out of habit: (the libraries that use it, our name for it or None, what to
+#: know). The docs' migration pages hold the same mapping.
+MIGRATIONS: Mapping[str, tuple[str, str | None, str]] = MappingProxyType({
+    "min_size": ("asyncpg, psycopg_pool", None, _LAZY),
+    "minsize": ("aiomysql", None, _LAZY),
+    "max_size": ("asyncpg, psycopg_pool", "connection_limit", _LIMIT),
+    "maxsize": ("aiomysql", "connection_limit", _LIMIT),
+    "pool_size": ("SQLAlchemy", "connection_limit", _LIMIT + "; there is no overflow"),
+    "max_overflow": (
+        "SQLAlchemy", None,
+        "there is no overflow: connection_limit is the hard ceiling"
+        " (set it to pool_size + max_overflow)",
+    ),
+    "timeout": (
+        "psycopg_pool, asyncpg's acquire()", "pool_timeout",
+        "the seconds an acquire waits (default 10; 0 waits forever)",
+    ),
+    "command_timeout": (
+        "asyncpg", "socket_timeout",
+        "every query's limit in seconds; timeout= on one call sets that call's"
+        " (db.fetch(sql, timeout=5))",
+    ),
+    "max_lifetime": ("psycopg_pool", "max_connection_lifetime", _LIFETIME),
+    "pool_recycle": ("SQLAlchemy, aiomysql", "max_connection_lifetime", _LIFETIME),
+    "max_queries": (
+        "asyncpg", None,
+        "connections are not retired by a count of queries; max_connection_lifetime"
+        " replaces them by age",
+    ),
+    "max_idle": ("psycopg_pool", "max_idle_connection_lifetime", _IDLE),
+    "max_inactive_connection_lifetime": ("asyncpg", "max_idle_connection_lifetime", _IDLE),
+    "pool_pre_ping": (
+        "SQLAlchemy", None,
+        "it is always on: a connection idle over health_check_after seconds (default 1)"
+        " is pinged before it is lent; health_check_after=0 pings before every lending",
+    ),
+    "ssl": (
+        "asyncpg, aiomysql", None,
+        "TLS is set in the URL (?sslmode=require, ?sslrootcert=...), or pass"
+        " connect_args={'ssl': context} with an ssl.SSLContext",
+    ),
+    "server_settings": (
+        "asyncpg", None,
+        "pass connect_args={'server_settings': {...}}, or run SET in a configure= hook",
+    ),
+    "init": ("asyncpg", "configure", "an async callable run on each new connection"),
+    "setup": ("asyncpg", "check", "an async callable run on a connection before it is lent"),
+    "kwargs": ("psycopg_pool", "connect_args", "a dict of the driver's connect keywords"),
+    "connection_class": (
+        "asyncpg", None, "pass it to the driver: connect_args={'connection_class': ...}",
+    ),
+    "record_class": ("asyncpg", None, "pass it to the driver: connect_args={'record_class': ...}"),
+    "open": ("psycopg_pool", None, "Pool() opens nothing; await db.connect(), or async with db:"),
+    "num_workers": (
+        "psycopg_pool", None,
+        "there are no worker threads: connections open in the tasks that need them",
+    ),
+    "reconnect_timeout": (
+        "psycopg_pool", None,
+        "connects are not retried in the background: each acquire that needs a"
+        " connection opens one (connect_timeout per attempt), and after repeated"
+        " failures acquires fail fast for a short back-off",
+    ),
+    "pool_reset_on_return": (
+        "SQLAlchemy", "reset_session",
+        "an open transaction is always rolled back on release; reset_session=true"
+        " also resets the session state",
+    ),
+    "loop": ("asyncpg, aiomysql", None, "the pool runs on the running event loop"),
+})
+
+#: the ones that name a pool setting in every library, so that a URL query
+#: parameter of that name is an error too (the rest may be a driver's parameter
+#: in a URL: ?ssl=, ?timeout= are the driver's to judge)
+_POOL_ONLY = frozenset({
+    "min_size", "minsize", "max_size", "maxsize", "pool_size", "max_overflow", "max_lifetime",
+    "pool_recycle", "max_queries", "max_idle", "max_inactive_connection_lifetime",
+    "pool_pre_ping", "num_workers", "reconnect_timeout", "pool_reset_on_return",
+})
+
 
 def _suggest(name: str) -> str | None:
     if name in _ALIASES:
@@ -263,6 +349,14 @@ def _suggest(name: str) -> str | None:
 
 
 def _unknown(name: str, value: object) -> ConfigError:
+    migration = MIGRATIONS.get(name)
+    if migration is not None:
+        library, ours, note = migration
+        if ours is None:
+            reason = f"is not a pool parameter (from {library}): {note}"
+        else:
+            reason = f"is not a pool parameter (from {library}); did you mean {ours!r}? {note}"
+        return ConfigError(name, value, reason)
     hint = _suggest(name)
     reason = "is not a pool parameter"
     if hint:
@@ -314,7 +408,9 @@ def _connect_args(value: object) -> Mapping[str, Any]:
 def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = False) -> Parsed:
     """Validate ``url`` and ``overrides`` into a :class:`PoolConfig`.
 
-    ``any_scheme`` accepts a scheme we have no driver for (the caller brings one).
+    ``any_scheme``: the caller brings its own driver, so any scheme goes, and
+    the URL may carry pool settings only (``postgresql://?connection_limit=3``):
+    the driver, not the URL, knows where the server is.
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
@@ -342,7 +438,8 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
     except ValueError:
         raise ConfigError("url", shown, "has a malformed query string") from None
     if (
-        scheme in SUPPORTED_SCHEMES
+        not any_scheme
+        and scheme in SUPPORTED_SCHEMES
         and scheme != "sqlite"
         and not parts.hostname
         and not any(name == _HOST_PARAMETERS.get(scheme) for name, _ in pairs)
@@ -360,7 +457,7 @@ def parse(url: object, overrides: Mapping[str, object], *, any_scheme: bool = Fa
         seen.add(name)
         if name in POOL_PARAMETERS:
             pool_values[name] = value
-        elif _suggest(name) is not None:
+        elif name in _POOL_ONLY or _suggest(name) is not None:
             raise _unknown(name, value)
         else:
             driver_pairs.append((name, value))

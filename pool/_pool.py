@@ -24,7 +24,7 @@ from typing import Any, Final, Generic, TypeVar
 import anyio
 
 from . import _config, _metrics, _registry
-from ._driver import Driver, load_driver
+from ._driver import Driver, check_driver, load_driver
 from ._engine import Engine, Hook, Hooks
 from ._errors import ConfigError
 from ._handles import Acquire, Transaction
@@ -80,6 +80,8 @@ class Pool(Generic[C]):
             check=_hook("check", check),
             reset=_hook("reset", reset),
         )
+        if driver is not None:
+            check_driver(driver)
         parsed = _config.parse(url, overrides, any_scheme=driver is not None)
         self._config: Final = parsed.config
         cfg = parsed.config
@@ -153,7 +155,10 @@ class Pool(Generic[C]):
 
         With ``await``, give it back with :meth:`release`. Waiters are served
         first-in first-out. ``timeout`` (seconds) overrides ``pool_timeout`` for
-        this call; 0 waits forever.
+        this call; 0 waits forever. ``timeout=None``, the default, means the
+        pool's ``pool_timeout`` (10 s unless set), not "wait forever" as in
+        asyncpg's ``acquire(timeout=None)``: pass ``timeout=0`` for that. On
+        expiry it raises :class:`PoolTimeoutError` (P2024).
         """
         if timeout is not None:
             _config.check_seconds("timeout", timeout)
@@ -262,6 +267,14 @@ class Pool(Generic[C]):
         closed.
         """
         await self._engine.drain()
+
+    async def close(self, *, grace: float = 0.0) -> None:
+        """Alias of :meth:`disconnect`, the name asyncpg's, psycopg_pool's and
+        SQLAlchemy's users call: the same arguments, the same guarantees.
+        """
+        # a call, not ``close = disconnect``: a subclass or test double that
+        # overrides disconnect() is what close() runs too
+        await self.disconnect(grace=grace)
 
     def on_before_exit(self, callback: Callable[[], Awaitable[object]]) -> None:
         """Register an async callback that :meth:`disconnect` runs first.
