@@ -21,10 +21,23 @@ Parameters:
 
 Quirks:
 
+- What ``acquire()`` hands out is :class:`SQLiteConnection`, an async
+  wrapper over a :class:`sqlite3.Connection`, not a sqlite3 connection
+  itself: its ``fetch``/``fetchrow``/``fetchval``/``execute``/``executemany``
+  return coroutines, and each must be awaited. A call made without ``await``
+  never runs, and is an error (:class:`UnawaitedCallError`, naming the call)
+  at the next awaited call on the connection, at the transaction's
+  ``COMMIT`` (which then rolls back) or at the connection's release. To use
+  the sqlite3 connection itself, run a function in the connection's worker
+  thread: ``await conn.run_sync(lambda raw: raw.executescript(script))``.
 - sqlite3 is blocking, so every call runs in a worker thread, and its
   connections are opened with ``check_same_thread=False`` because the next
-  call may run on another thread. A cancelled call still waits for its thread
-  to finish (the statement is not interrupted). A terminate that comes while
+  call may run on another thread. One statement runs on a connection at a
+  time: a call waits for the previous one's thread to return. A cancelled
+  call (an anyio or trio scope, or asyncio's ``task.cancel()``, ``wait_for``,
+  ``timeout``) interrupts its statement (``sqlite3.Connection.interrupt()``)
+  and returns at once; the pool lends the connection again only after that
+  statement's thread has returned (``recover``). A terminate that comes while
   a statement runs (``disconnect()`` after its grace) interrupts it and leaves
   the close to the worker thread: closing under a running statement would
   crash the process.
@@ -50,7 +63,7 @@ Quirks:
 - ``socket_timeout`` does not apply: there is no socket. A call's own
   ``timeout=`` does: at the deadline the running statement is interrupted
   (``sqlite3.Connection.interrupt()``, from the event loop's thread), the
-  call waits for its worker thread, and raises :class:`TimeoutError` chained
+  call waits for its worker thread (which returns at once), and raises :class:`TimeoutError` chained
   to sqlite3's ``interrupted`` error. The connection stays usable; an
   interrupted write inside a transaction rolls the whole transaction back
   (SQLite's rule).
@@ -66,13 +79,15 @@ this module (``timeout`` is ``busy_timeout``; autocommit and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 from urllib.parse import unquote
 
 import anyio
@@ -88,7 +103,7 @@ from ._url import (
     split,
 )
 
-__all__ = ["SQLiteConnection", "SQLiteDriver", "create"]
+__all__ = ["SQLiteConnection", "SQLiteDriver", "UnawaitedCallError", "create"]
 
 PARAMETERS = ("busy_timeout", "journal_mode")
 JOURNAL_MODES = ("wal", "delete", "truncate", "memory", "off")
@@ -113,33 +128,258 @@ _SHARED_MEMDB = sqlite3.sqlite_version_info >= (3, 36, 0)
 T = TypeVar("T")
 
 
-class SQLiteConnection:
-    """The SQLite driver's own connection: what ``pool.acquire()`` hands out.
+class UnawaitedCallError(sqlite3.ProgrammingError):
+    """A call on an :class:`SQLiteConnection` was made without ``await``: it never ran.
 
-    A thin async face over a :class:`sqlite3.Connection` (``.raw``). Each
-    method runs its sqlite3 call in a worker thread. There is no lock: a
-    pooled connection has one holder at a time, and that holder awaits each
-    call before making the next, so no two threads ever use it at once. Use
-    ``.raw`` only from a worker thread of your own, e.g.
-    ``await anyio.to_thread.run_sync(conn.raw.executescript, script)``.
-
-    Placeholders are sqlite3's: ``?`` (or ``:name`` with a single dict argument
-    on ``.raw``). Rows are tuples.
+    Raised by the next call awaited on that connection (the transaction's
+    ``COMMIT`` included, so that the transaction rolls back) or, failing that,
+    by the connection's release to the pool.
     """
 
-    __slots__ = ("_busy", "_close_pending", "_closed", "_lock", "raw")
+
+# A statement's life, kept under its connection's lock (the worker thread and
+# the event loop both move it).
+_CREATED: Final = 0  # made, not awaited yet: counted pending on its connection
+_QUEUED: Final = 1  # awaited: it owns the connection; its thread has not started
+_RUNNING: Final = 2  # its worker thread runs it
+_DONE: Final = 3  # its thread returned (or it was dropped before it started)
+_ABANDONED: Final = 4  # its caller left before the thread started: it never runs
+
+
+def _waker() -> tuple[anyio.Event, Callable[[], None]]:
+    """An event of the running loop, and a function any thread may call to set it.
+
+    anyio.Event is not thread-safe: the setter posts ``set`` to the loop.
+    """
+    event = anyio.Event()
+    try:
+        post: Callable[[Callable[[], object]], object] = (
+            asyncio.get_running_loop().call_soon_threadsafe
+        )
+    except RuntimeError:  # trio: no asyncio loop runs in this thread
+        import trio
+
+        post = trio.lowlevel.current_trio_token().run_sync_soon
+
+    def wake() -> None:
+        # RuntimeError: the loop has ended (trio's RunFinishedError is one);
+        # nobody is left to wake.
+        with contextlib.suppress(RuntimeError):
+            post(event.set)
+
+    return event, wake
+
+
+#: how many references an object has (CPython); elsewhere "many", which turns
+#: the early unawaited-call check off and leaves it to COMMIT and the release
+_refcount: Callable[[object], int] = getattr(sys, "getrefcount", lambda _: 1 << 30)
+
+
+def _unawaited_error(first: _Statement[Any], count: int) -> UnawaitedCallError:
+    more = f" (and {count - 1} more call(s))" if count > 1 else ""
+    return UnawaitedCallError(
+        f"{first.describe()} was called without await{more}, so it never ran: the pool's "
+        "SQLite connection is an async wrapper over sqlite3.Connection, and each of its "
+        "calls returns a coroutine to await"
+    )
+
+
+class _Statement(Coroutine[Any, Any, T]):
+    """What a call on :class:`SQLiteConnection` returns: a coroutine that runs one statement.
+
+    A real coroutine object, for ``asyncio.create_task``, trio's ``start_soon``
+    and ``gather`` (``collections.abc.Coroutine``), that also counts itself
+    pending on its connection from the call until it is awaited (or sent,
+    thrown into, closed). A call never awaited is found by the next one (see
+    :class:`UnawaitedCallError`); a plain ``async def`` cannot do that.
+    """
+
+    __slots__ = ("_conn", "_it", "args", "error", "outcome", "sql", "state", "timeout")
+
+    #: the method's name, for error messages
+    name = "execute"
+
+    def __init__(
+        self, conn: SQLiteConnection, sql: str, args: Any, timeout: float | None
+    ) -> None:
+        self._conn = conn
+        self.sql = sql
+        self.args = args
+        self.timeout = timeout
+        self.state = _CREATED
+        self._it: Any = None
+        # (only a bounded call keeps these: it reads them after its thread ends)
+        self.outcome: Any = None
+        self.error: BaseException | None = None
+        conn._unawaited.append(self)
+
+    def run(self, raw: sqlite3.Connection) -> T:
+        """The statement itself, in the worker thread."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        # the SQL, shortened; never the arguments (they may be secrets)
+        sql = " ".join(self.sql.split())
+        return f"conn.{self.name}({sql[:60] + '...' if len(sql) > 60 else sql!r})"
+
+    def __repr__(self) -> str:
+        return f"<SQLite statement {self.describe()}>"
+
+    def __await__(self) -> Generator[Any, None, T]:
+        conn = self._conn
+        pending = conn._unawaited
+        if pending and pending[0] is self:
+            del pending[0]  # the usual case: the call awaited at once
+        else:
+            conn._out_of_order(self)  # raises
+        return conn._run(self).__await__()
+
+    # collections.abc.Coroutine, for create_task() and trio, which drive the
+    # object with send/throw rather than await it
+
+    def send(self, value: Any) -> Any:
+        it = self._it
+        if it is None:
+            it = self._it = self.__await__()
+        return it.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        it = self._it
+        if it is None:
+            # thrown into before its first step (a task cancelled before it
+            # ran): it never runs, and is no longer pending
+            self.close()
+            exc = val if val is not None else typ
+            raise exc() if isinstance(exc, type) else exc
+        return it.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            return
+        with contextlib.suppress(ValueError):
+            self._conn._unawaited.remove(self)
+        self.state = _DONE  # awaited later: "already awaited"
+
+
+class _Fetch(_Statement[list[tuple[Any, ...]]]):
+    __slots__ = ()
+    name = "fetch"
+
+    def run(self, raw: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        return raw.execute(self.sql, self.args).fetchall()
+
+
+class _FetchRow(_Statement["tuple[Any, ...] | None"]):
+    __slots__ = ()
+    name = "fetchrow"
+
+    def run(self, raw: sqlite3.Connection) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = raw.execute(self.sql, self.args).fetchone()
+        return row
+
+
+class _FetchVal(_Statement[Any]):
+    __slots__ = ()
+    name = "fetchval"
+
+    def run(self, raw: sqlite3.Connection) -> Any:
+        row = raw.execute(self.sql, self.args).fetchone()
+        return None if row is None else row[0]
+
+
+class _Execute(_Statement[int]):
+    __slots__ = ()
+    name = "execute"
+
+    def run(self, raw: sqlite3.Connection) -> int:
+        return raw.execute(self.sql, self.args).rowcount
+
+
+class _ExecuteMany(_Statement[None]):
+    __slots__ = ()
+    name = "executemany"
+
+    def run(self, raw: sqlite3.Connection) -> None:
+        own = not raw.in_transaction
+        if own:
+            raw.execute("BEGIN")
+        try:
+            raw.executemany(self.sql, self.args)
+            if own:
+                raw.execute("COMMIT")
+        except BaseException:
+            # (an interrupted write has rolled the transaction back already)
+            if own and raw.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    raw.execute("ROLLBACK")
+            raise
+
+
+class _RunSync(_Statement[Any]):
+    __slots__ = ("func",)
+    name = "run_sync"
+
+    def __init__(
+        self, conn: SQLiteConnection, func: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        self.func = func
+        super().__init__(conn, getattr(func, "__qualname__", repr(func)), args, None)
+
+    def run(self, raw: sqlite3.Connection) -> Any:
+        return self.func(raw, *self.args)
+
+    def describe(self) -> str:
+        return f"conn.run_sync({self.sql})"
+
+
+class SQLiteConnection:
+    """What ``pool.acquire()`` hands out for SQLite: an async wrapper, not a sqlite3.Connection.
+
+    It wraps one :class:`sqlite3.Connection` (``.raw``) and runs each call on
+    it in a worker thread, so that the event loop never blocks.
+    ``fetch``/``fetchrow``/``fetchval``/``execute``/``executemany``/``run_sync``
+    return coroutines: await each one. A call that is not awaited never runs,
+    and is an error (:class:`UnawaitedCallError`) at the next awaited call on
+    the connection, at ``COMMIT`` (the transaction rolls back) or at its
+    release to the pool, whichever comes first.
+
+    One statement at a time: a call waits for the connection's previous one
+    to return from its thread, even one whose caller was cancelled. A
+    cancelled call (an anyio scope, or asyncio's ``task.cancel()``,
+    ``wait_for``, ``timeout``) interrupts its statement
+    (``sqlite3.Connection.interrupt()``) and returns at once; the pool lends
+    the connection again only after the statement's thread has returned.
+
+    To use the sqlite3 connection itself, run a function of yours in the
+    connection's worker thread, under the same rules:
+    ``await conn.run_sync(lambda raw: raw.executescript(script))``. ``.raw``
+    used directly, outside ``run_sync``, may race with a statement still
+    running in a thread (and closing it crashes the process): leave that to
+    the pool.
+
+    Placeholders are sqlite3's: ``?`` (``:name`` with one dict argument).
+    Rows are tuples.
+    """
+
+    __slots__ = ("_close_pending", "_closed", "_current", "_lock", "_unawaited", "_wakers", "raw")
 
     def __init__(self, raw: sqlite3.Connection) -> None:
         self.raw = raw
         self._closed = False
-        # A statement may still run in a worker thread when the pool must close
-        # the connection (disconnect() after its grace, a cancelled holder):
-        # closing it under the statement crashes the process. The lock makes
-        # "is a statement running?" and "close" one step; a close that finds a
-        # statement running interrupts it and leaves the close to its thread.
+        # Worker threads and the event loop share what follows; the lock makes
+        # each step on it atomic ("is a statement running?" and "close" in
+        # particular: closing under a running statement crashes the process).
         self._lock = threading.Lock()
-        self._busy = False
+        #: the statement that owns the connection (QUEUED or RUNNING), or None.
+        #: Only that statement's own thread (or its caller, before the thread
+        #: starts) clears it: an owner, not a flag that any thread may reset.
+        self._current: _Statement[Any] | None = None
         self._close_pending = False
+        #: setters of the events that tasks waiting for the connection wait on
+        self._wakers: list[Callable[[], None]] = []
+        #: statements made and not awaited yet, oldest first (almost always empty)
+        self._unawaited: list[_Statement[Any]] = []
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -159,49 +399,43 @@ class SQLiteConnection:
     # timeout= as on asyncpg's Connection: the statement is interrupted at the
     # deadline and TimeoutError raised; the connection stays usable.
 
-    async def fetch(
+    def fetch(
         self, sql: str, *args: Any, timeout: float | None = None
-    ) -> list[tuple[Any, ...]]:
-        return await self._run(lambda: self.raw.execute(sql, args).fetchall(), timeout)
+    ) -> Coroutine[Any, Any, list[tuple[Any, ...]]]:
+        """All rows, as tuples."""
+        return _Fetch(self, sql, args, timeout)
 
-    async def fetchrow(
+    def fetchrow(
         self, sql: str, *args: Any, timeout: float | None = None
-    ) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = await self._run(
-            lambda: self.raw.execute(sql, args).fetchone(), timeout
-        )
-        return row
+    ) -> Coroutine[Any, Any, tuple[Any, ...] | None]:
+        """The first row, or None."""
+        return _FetchRow(self, sql, args, timeout)
 
-    async def fetchval(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
-        row = await self.fetchrow(sql, *args, timeout=timeout)
-        return None if row is None else row[0]
+    def fetchval(
+        self, sql: str, *args: Any, timeout: float | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """The first column of the first row, or None."""
+        return _FetchVal(self, sql, args, timeout)
 
-    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
+    def execute(
+        self, sql: str, *args: Any, timeout: float | None = None
+    ) -> Coroutine[Any, Any, int]:
         """Rows changed by INSERT/UPDATE/DELETE; -1 for other statements."""
-        return await self._run(lambda: self.raw.execute(sql, args).rowcount, timeout)
+        return _Execute(self, sql, args, timeout)
 
-    async def executemany(
+    def executemany(
         self, sql: str, args_iterable: Iterable[Sequence[Any]], *, timeout: float | None = None
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         """``sql`` once per argument tuple, in one thread call; all rows or none."""
-        raw = self.raw
+        return _ExecuteMany(self, sql, args_iterable, timeout)
 
-        def run() -> None:
-            own = not raw.in_transaction
-            if own:
-                raw.execute("BEGIN")
-            try:
-                raw.executemany(sql, args_iterable)
-                if own:
-                    raw.execute("COMMIT")
-            except BaseException:
-                # (an interrupted write has rolled the transaction back already)
-                if own and raw.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        raw.execute("ROLLBACK")
-                raise
+    def run_sync(self, func: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
+        """``func(raw, *args)`` in the connection's worker thread: the safe way to ``.raw``.
 
-        await self._run(run, timeout)
+        Like the other calls, it waits for the connection's previous statement
+        and is interrupted (``raw.interrupt()``) if its caller is cancelled.
+        """
+        return _RunSync(self, func, args)
 
     async def close(self) -> None:
         """Close; an open transaction is rolled back."""
@@ -218,64 +452,194 @@ class SQLiteConnection:
             if self._closed:
                 return
             self._closed = True
-            if self._busy:
+            owner = self._current
+            if owner is not None and owner.state == _RUNNING:
                 self._close_pending = True
                 with contextlib.suppress(Exception):
                     self.raw.interrupt()
                 return
+            # (a QUEUED owner's thread finds the connection closed and never runs)
+            wakers, self._wakers = self._wakers, []
         with contextlib.suppress(Exception):
             self.raw.close()
+        for wake in wakers:
+            wake()  # callers waiting for the connection: it is closed
 
-    def _in_thread(self, call: Callable[[], T]) -> T:
+    # ------------------------------------------------------------ internals
+
+    def _out_of_order(self, stmt: _Statement[Any]) -> None:
+        """``stmt`` is awaited, but is not the oldest call pending: raise if that is a misuse.
+
+        An older call may still be on its way (a task not started yet, a
+        gather, a variable awaited later): fine. One that nobody holds any more
+        (only this list refers to it) can never be awaited: the trap of a call
+        made without ``await``, said now, before the next statement runs.
+        """
+        pending = self._unawaited
+        if stmt not in pending:
+            if stmt.state == _ABANDONED:  # dropped at its connection's release
+                raise sqlite3.ProgrammingError(
+                    f"{stmt.describe()} was awaited after its connection went back "
+                    "to the pool: it did not run"
+                )
+            raise RuntimeError("cannot reuse already awaited coroutine")
+        index = pending.index(stmt)
+        del pending[index]
+        # 2: this list's reference and getrefcount's argument (CPython)
+        lost = [i for i in range(index) if _refcount(pending[i]) <= 2]
+        if not lost:
+            return
+        first = pending[lost[0]]
+        for i in reversed(lost):
+            pending[i].state = _ABANDONED
+            del pending[i]
+        stmt.state = _ABANDONED
+        error = _unawaited_error(first, len(lost))
+        error.add_note(f"(found when {stmt.describe()} was awaited, which did not run either)")
+        raise error
+
+    def _drop_unawaited(self) -> UnawaitedCallError | None:
+        """Forget the calls not awaited yet; the error that names the oldest, if any."""
+        pending = self._unawaited
+        if not pending:
+            return None
+        for stmt in pending:
+            stmt.state = _ABANDONED
+        error = _unawaited_error(pending[0], len(pending))
+        pending.clear()
+        return error
+
+    def _take(self, stmt: _Statement[Any]) -> bool:
+        """Make ``stmt`` the owner, if the connection is free (under the lock)."""
+        if self._closed:
+            stmt.state = _DONE
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+        if self._current is not None:
+            return False
+        self._current = stmt
+        stmt.state = _QUEUED
+        return True
+
+    async def _run(self, stmt: _Statement[T]) -> T:
         with self._lock:
-            if self._closed:
-                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-            self._busy = True
+            free = self._take(stmt)
+        if not free:
+            await self._wait(lambda: self._take(stmt))
+        if stmt.timeout is not None:
+            return await self._run_bounded(stmt, stmt.timeout)
         try:
-            return call()
+            # abandon_on_cancel: a cancellation (a scope's or asyncio's own)
+            # reaches us at once, to interrupt the statement; the thread still
+            # owns the connection until it returns.
+            return await anyio.to_thread.run_sync(self._in_thread, stmt, abandon_on_cancel=True)
+        except BaseException:
+            if stmt.state != _DONE:
+                self._stop(stmt)
+            raise
+
+    async def _run_bounded(self, stmt: _Statement[T], timeout: float) -> T:
+        with anyio.move_on_after(timeout):
+            try:
+                return await anyio.to_thread.run_sync(
+                    self._in_thread, stmt, abandon_on_cancel=True
+                )
+            except BaseException:
+                if stmt.state != _DONE:
+                    self._stop(stmt)
+                raise
+        # The deadline: the statement was interrupted; its thread returns at
+        # once with sqlite3's "interrupted", and the connection stays usable.
+        await self._wait(lambda: stmt.state >= _DONE)
+        error = stmt.error
+        if error is None and stmt.state == _DONE:
+            return stmt.outcome  # type: ignore[no-any-return]  # it ended just in time
+        if error is None or isinstance(error, sqlite3.OperationalError):
+            raise TimeoutError(
+                f"the statement ran past timeout={timeout}s and was interrupted"
+            ) from error
+        raise error
+
+    async def _wait(self, ready: Callable[[], bool]) -> None:
+        """Until ``ready()`` (asked under the lock) holds; woken by each statement's end.
+
+        No thread waits for the thread: the one that returns posts the wake-up
+        to this loop.
+        """
+        while True:
+            with self._lock:
+                if ready():
+                    return
+                event, wake = _waker()
+                self._wakers.append(wake)
+            await event.wait()
+
+    async def _idle(self) -> None:
+        """Until no statement owns the connection (or it is closed)."""
+        await self._wait(lambda: self._closed or self._current is None)
+
+    def _stop(self, stmt: _Statement[Any]) -> None:
+        """Its caller left (cancelled) before the thread returned: stop the statement."""
+        with self._lock:
+            if stmt.state == _RUNNING:
+                if not self._closed:
+                    self.raw.interrupt()  # thread-safe: sqlite3_interrupt()
+                return
+            if stmt.state != _QUEUED:
+                return
+            # the thread has not started it: it never will (it looks first)
+            stmt.state = _ABANDONED
+            if self._current is stmt:
+                self._current = None
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+
+    def _interrupt(self) -> None:
+        """Interrupt whatever statement runs now (the holder is gone)."""
+        with self._lock:
+            owner = self._current
+            if owner is not None and owner.state == _RUNNING and not self._closed:
+                self.raw.interrupt()
+
+    def _in_thread(self, stmt: _Statement[T]) -> T:
+        with self._lock:
+            if stmt.state != _QUEUED:
+                return None  # type: ignore[return-value]  # abandoned: nobody reads it
+            if self._closed:
+                stmt.state = _DONE
+                self._current = None
+                wakers, self._wakers = self._wakers, []
+                closed = True
+            else:
+                stmt.state = _RUNNING
+                closed = False
+        if closed:
+            for wake in wakers:
+                wake()
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+        try:
+            outcome = stmt.run(self.raw)
+            if stmt.timeout is not None:
+                stmt.outcome = outcome
+            return outcome
+        except BaseException as exc:
+            if stmt.timeout is not None:
+                stmt.error = exc
+            raise
         finally:
             with self._lock:
-                self._busy = False
+                stmt.state = _DONE
+                if self._current is stmt:
+                    self._current = None
                 pending, self._close_pending = self._close_pending, False
+                wakers = self._wakers
+                if wakers:
+                    self._wakers = []
             if pending:
                 with contextlib.suppress(Exception):
                     self.raw.close()
-
-    async def _run(self, call: Callable[[], T], timeout: float | None = None) -> T:
-        # Not abandon_on_cancel: a cancelled caller waits for the thread, so
-        # the connection is never in use by a thread nobody is awaiting.
-        if timeout is None:
-            return await anyio.to_thread.run_sync(self._in_thread, call)
-        # A cancel scope alone would wait for the statement to finish, however
-        # long: a watchdog interrupts it instead, and we still wait for the
-        # thread, which then returns at once with sqlite3's "interrupted".
-        interrupted = False
-
-        async def watchdog() -> None:
-            nonlocal interrupted
-            await anyio.sleep(timeout)
-            interrupted = True
-            with self._lock:  # never interrupt a connection closed meanwhile
-                if not self._closed:
-                    self.raw.interrupt()  # thread-safe: sqlite3_interrupt()
-
-        outcome: T | None = None
-        error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watchdog)
-            try:
-                outcome = await anyio.to_thread.run_sync(self._in_thread, call)
-            except sqlite3.OperationalError as exc:
-                error = exc  # raised below, outside the group, unwrapped
-            finally:
-                tg.cancel_scope.cancel()
-        if error is not None:
-            if interrupted:
-                raise TimeoutError(
-                    f"the statement ran past timeout={timeout}s and was interrupted"
-                ) from error
-            raise error
-        return outcome  # type: ignore[return-value]  # set when no error
+            for wake in wakers:
+                wake()
 
 
 class SQLiteDriver:
@@ -362,29 +726,42 @@ class SQLiteDriver:
         return not conn.closed
 
     def is_clean(self, conn: SQLiteConnection) -> bool:
-        # is_alive() and not in_transaction(), in one call: the fast release's test
-        return not conn.closed and not conn.in_transaction
+        # is_alive() and not in_transaction(), in one call: the fast release's
+        # test. A call left unawaited sends the release the careful way, which
+        # asks release_error().
+        return not conn._closed and not conn._unawaited and not conn.raw.in_transaction
+
+    def release_error(self, conn: SQLiteConnection) -> BaseException | None:
+        """The call its holder never awaited, as the error its release raises; forgotten now.
+
+        Awaited after this, such a call raises instead of running on a
+        connection lent to someone else.
+        """
+        return conn._drop_unawaited()
 
     async def recover(self, conn: SQLiteConnection) -> None:
-        """Nothing to wait for: a cancelled call already waited for its thread's statement.
+        """Its holder was cancelled: stop the statement still running, wait for its thread.
 
-        (The pool rolls back what the holder left open.)
+        A cancelled call interrupts its statement and returns at once, while
+        the worker thread may still be inside sqlite3: the connection is lent
+        again only once that thread has returned. (The pool then rolls back
+        what the holder left open.)
         """
+        conn._interrupt()
+        await conn._idle()
 
     async def reset_session(self, conn: SQLiteConnection) -> None:
         """Drop the session's temporary tables; the rest of a session lives in the file."""
 
-        def drop_temp_tables() -> None:
+        def drop_temp_tables(raw: sqlite3.Connection) -> None:
             names = [
                 row[0]
-                for row in conn.raw.execute(
-                    "SELECT name FROM temp.sqlite_master WHERE type = 'table'"
-                )
+                for row in raw.execute("SELECT name FROM temp.sqlite_master WHERE type = 'table'")
             ]
             for name in names:
-                conn.raw.execute(f'DROP TABLE temp."{name.replace(chr(34), chr(34) * 2)}"')
+                raw.execute(f'DROP TABLE temp."{name.replace(chr(34), chr(34) * 2)}"')
 
-        await conn._run(drop_temp_tables)
+        await conn.run_sync(drop_temp_tables)
 
     async def ping(self, conn: SQLiteConnection) -> None:
         await conn.execute("SELECT 1")
@@ -396,6 +773,11 @@ class SQLiteDriver:
         await conn.execute("BEGIN")
 
     async def commit(self, conn: SQLiteConnection) -> None:
+        # A call of the transaction not awaited yet would run after its COMMIT,
+        # or never: the error, and the pool rolls the transaction back.
+        error = conn._drop_unawaited()
+        if error is not None:
+            raise error
         await conn.execute("COMMIT")
 
     async def rollback(self, conn: SQLiteConnection) -> None:
