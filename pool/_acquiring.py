@@ -65,6 +65,9 @@ class Acquiring(Generic[C]):
         self.secrets = secrets
         self.hooks = hooks
         self.recover: Callable[[Any], Awaitable[None]] | None = getattr(driver, "recover", None)
+        self.release_error: Callable[[Any], BaseException | None] | None = getattr(
+            driver, "release_error", None
+        )
         self.reset_session: Callable[[Any], Awaitable[None]] | None = (
             getattr(driver, "reset_session", None) if config.reset_session else None
         )

@@ -56,6 +56,11 @@ class Driver(Protocol[C]):
     ``is_clean(conn) -> bool``
         ``is_alive(conn) and not in_transaction(conn)`` in one call: what the
         fast release asks of every connection. Absent: the engine asks both.
+    ``release_error(conn) -> BaseException | None``
+        asked at each release that is not the fast one: a misuse the holder
+        left on the connection (SQLite: a call never awaited), which the
+        driver forgets as it answers; the release, once done, raises it
+        (unless the holder's block already raised).
     ``is_disconnect_error(exc) -> bool``
         True when a query failed because the server ended the session or the
         link broke (a shutdown, a crash, a lost socket), so that a pool that

@@ -166,17 +166,22 @@ class Engine(Acquiring[C]):
             if self.is_read_only_error is not None and self.host_of is not None:
                 self._after_error(raw, exc)
         action, rec = self.ledger.release(raw, cancelled, broken)
+        # The driver's word on a misuse its holder left behind (SQLite: a call
+        # never awaited), asked before any await, so before anyone else holds
+        # the connection; raised once the release is done.
+        misuse = None if self.release_error is None else self.release_error(raw)
         if action == RELEASED or rec is None:
-            return
-        if action == RECOVER:
+            pass
+        elif action == RECOVER:
             # Never in the cancelled caller: the upkeep recovers it.
             self.upkeep.recover_later(rec)
-            return
-        if action == CLOSE:
+        elif action == CLOSE:
             with anyio.CancelScope(shield=True):
                 await self.close(rec)
         else:
             await self.tidy(rec, recover=False)  # shielded within
+        if misuse is not None and exc is None:
+            raise misuse
 
     def _broken_by(self, exc: BaseException) -> bool:
         """Did ``exc`` leave the connection in a state the pool cannot vouch for?
