@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 import pool
-from drivers.sqlite import UnawaitedCallError
+from pool_drivers.sqlite import UnawaitedCallError
 
 pytestmark = pytest.mark.anyio
 
