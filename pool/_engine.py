@@ -130,13 +130,22 @@ class Engine(Acquiring[C]):
         self.start(sniffio.current_async_library())
 
     def _move_to_this_loop(self) -> None:
-        """Used from a new event loop (a CLI's asyncio.run per command, a test's loop)."""
+        """Used from a new event loop (a CLI's asyncio.run per command, a test's loop).
+
+        Only once the old loop has stopped (ended, closed, or not running):
+        while it runs, in another thread, its tasks use, wait for and open
+        this pool's connections, which belong to it (asyncio's transports are
+        bound to their loop), and nothing of it is touched from here.
+        """
         old = self.loop
         assert old is not None
-        if (self.ledger.lent or self.ledger.busy) and old.is_running() and not old.is_closed():
+        if old.is_running() and not old.is_closed():
             raise PoolError(
-                "this pool's connections are still lent on another running event loop; "
-                "a pool serves one event loop at a time"
+                "this pool is in use by an event loop that is still running in another "
+                "thread (its connections are still lent on another running event loop, or "
+                "idle there); a pool serves one event loop at a time. Create one Pool per "
+                "event loop (one per thread), or run this code on that loop "
+                "(asyncio.run_coroutine_threadsafe)."
             )
         self.loop_ended("the pool is used from a new event loop")
 

@@ -34,6 +34,7 @@ from ._closing import Closing
 from ._conn import BUSY, IDLE, LENT, Conn
 from ._diagnosis import PACKAGE_FILES, outside_package, stamp_site
 from ._errors import ConnectError, PoolClosedError, PoolError
+from ._shims import running_loop
 from ._state import (
     BROKEN,
     CHECK_FAILED,
@@ -77,7 +78,11 @@ class Ledger(Closing[C]):
         two levels up.
         """
         idle = self.idle
-        if not idle or self.waiters or self.state is not OPEN:
+        # The loop test: never lend a connection of one running event loop to
+        # a task of another (the careful path then says what to do instead).
+        if not idle or self.waiters or self.state is not OPEN or (
+            self.deadlines.loop is not running_loop()
+        ):
             return None
         rec = idle[-1]
         now = time.monotonic()
@@ -234,8 +239,8 @@ class Ledger(Closing[C]):
             frame = sys._getframe(3)
         except ValueError:  # called from a shallower stack than any entry point makes
             frame = sys._getframe(1)
-        while frame.f_code.co_filename in PACKAGE_FILES and frame.f_back is not None:
-            frame = frame.f_back
+        if frame.f_code.co_filename in PACKAGE_FILES:
+            frame = outside_package(frame)  # past asyncio's frames too (a gather's task)
         rec.site_code = frame.f_code
         rec.site_offset = frame.f_lasti
         self.acquired += 1
