@@ -265,6 +265,23 @@ class MySQLDriver:
             and not conn.get_transaction_status()
         )
 
+    def classify_connect_error(self, exc: BaseException) -> str | None:
+        """Why a connect failed, for Prisma's codes: ``"auth"``, ``"database"`` or None.
+
+        ER_ACCESS_DENIED_ERROR (1045: a wrong password or an unknown user) is
+        authentication; ER_DBACCESS_DENIED_ERROR (1044: no rights on that
+        database, which MySQL also answers for one that does not exist) and
+        ER_BAD_DB_ERROR (1049) are the database.
+        """
+        if not isinstance(exc, pymysql.err.MySQLError) or not exc.args:
+            return None
+        number = exc.args[0]
+        if number == 1045:
+            return "auth"
+        if number in (1044, 1049):
+            return "database"
+        return None
+
     def is_broken_error(self, exc: BaseException) -> bool:
         """PyMySQL's client-side errors: a packet it could not read, commands out of sync."""
         if isinstance(exc, pymysql.err.InterfaceError):

@@ -379,6 +379,22 @@ class PostgresDriver:
         """True for SQLSTATE 25006: a write sent to a read-only session (a standby)."""
         return getattr(exc, "sqlstate", None) == READ_ONLY_SQLSTATE
 
+    def classify_connect_error(self, exc: BaseException) -> str | None:
+        """Why a connect failed, for Prisma's codes: ``"auth"``, ``"database"`` or None.
+
+        SQLSTATE class 28 (28P01 a wrong password, 28000 an unknown role or one
+        that may not log in, or no pg_hba entry) is authentication; 3D000 is a
+        database that does not exist. A timeout is the engine's to see.
+        """
+        sqlstate = getattr(exc, "sqlstate", None)
+        if not isinstance(sqlstate, str):
+            return None
+        if sqlstate.startswith("28"):
+            return "auth"
+        if sqlstate == "3D000":
+            return "database"
+        return None
+
     def is_disconnect_error(self, exc: BaseException) -> bool:
         """True when the server ended the session or the link broke.
 

@@ -840,6 +840,13 @@ class SQLiteDriver:
         code = getattr(exc, "sqlite_errorcode", None)
         return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_READONLY
 
+    def classify_connect_error(self, exc: BaseException) -> str | None:
+        """SQLITE_CANTOPEN (a missing directory, a file it may not open): the database."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_CANTOPEN:
+            return "database"
+        return None
+
 
 def create(
     url: str,

@@ -376,6 +376,7 @@ class Acquiring(Generic[C]):
                 scheme=self.config.scheme,
                 secrets=self.secrets,
                 during="the configure hook" if hook_failed else None,
+                driver=self.driver,
             )
             ledger.open_failed(epoch, error, began)
             raise error from failure

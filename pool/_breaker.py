@@ -65,7 +65,8 @@ class Breaker:
         last = self.last_error
         error = ConnectError(
             f"{last} (failing fast: {self.failures} connect attempt(s) in a row failed; "
-            f"the next one is tried in {self.remaining():.2f}s)"
+            f"the next one is tried in {self.remaining():.2f}s)",
+            code=last.code if last is not None else None,
         )
         error.__cause__ = last.__cause__ if last is not None else None
         return error

@@ -65,6 +65,11 @@ class Driver(Protocol[C]):
         True when a query failed because the server ended the session or the
         link broke (a shutdown, a crash, a lost socket), so that a pool that
         wants the primary stops lending that server's other connections.
+    ``classify_connect_error(exc) -> "auth" | "database" | "timeout" | None``
+        why ``connect()`` raised ``exc``, for :class:`pool.ConnectError`'s
+        Prisma code: ``"auth"`` P1000 (credentials refused), ``"database"``
+        P1003 (no such database), ``"timeout"`` P1002; None (or absent) P1001,
+        except that a ``TimeoutError`` is always P1002.
     """
 
     #: the canonical scheme, e.g. ``"postgresql"``; used in log lines

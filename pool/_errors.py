@@ -68,12 +68,21 @@ class TooManyWaitersError(PoolError):
 
 
 class ConnectError(PoolError):
-    """The database could not be reached or refused us (Prisma's P1001).
+    """A new connection could not be opened. The driver's own error is ``__cause__``.
 
-    The driver's own error is chained as ``__cause__``.
+    ``code`` is Prisma's: ``P1000`` the server refused the credentials (a wrong
+    password, an unknown role or user), ``P1003`` the database does not exist
+    (or, for SQLite, its file cannot be opened), ``P1002`` the connect timed
+    out, ``P1001`` the server could not be reached (the rest).
     """
 
+    #: Prisma's error code; the class default is "can't reach the server"
     code = "P1001"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class ConfigError(PoolError, ValueError):
