@@ -34,6 +34,7 @@ each with the attribute ``db.client.connection.pool.name``:
 from __future__ import annotations
 
 import importlib.metadata
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -98,13 +99,13 @@ class _Instruments:
 
         def observe(read: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterator[Any]]:
             def callback(options: CallbackOptions) -> Iterator[Any]:
-                for engine in list(self.pools):
+                for engine in self.snapshot():
                     yield Observation(read(engine.ledger), engine.metrics.attributes)  # type: ignore[union-attr]
 
             return callback
 
         def count(options: CallbackOptions) -> Iterator[Any]:
-            for engine in list(self.pools):
+            for engine in self.snapshot():
                 ledger = engine.ledger
                 attrs = engine.metrics.attributes  # type: ignore[union-attr]
                 yield Observation(len(ledger.idle), {**attrs, STATE: "idle"})
@@ -151,6 +152,12 @@ class _Instruments:
             meter, "db.client.connection.use_time",
             "The time between borrowing a connection and returning it to the pool",
         )
+
+
+    def snapshot(self) -> list[Engine[Any]]:
+        """The pools, copied under the lock: the exporter's thread reads while others build."""
+        with _LOCK:
+            return list(self.pools)
 
 
 def _histogram(meter: Any, name: str, description: str) -> Any:
@@ -222,9 +229,12 @@ def _install(engine: Engine[Any]) -> PoolMetrics:
 
     def release_recorded(raw: Any, cancelled: bool, broken: bool = False) -> Any:
         rec = lent.get(id(raw))
+        # Read before the release: a handoff to a waiter inside it lends the
+        # same record again and resets lent_at, which would record ~0 s.
+        lent_at = rec.lent_at if rec is not None else 0.0
         result = release(raw, cancelled, broken)
         if rec is not None:
-            use(monotonic() - rec.lent_at)
+            use(monotonic() - lent_at)
         return result
 
     ledger.give_back = give_back_recorded  # type: ignore[method-assign]
@@ -282,18 +292,33 @@ def _missing() -> ConfigError:
 #: every pool's engine, so that instrument() reaches the pools built before it
 _ENGINES: weakref.WeakSet[Engine[Any]] = weakref.WeakSet()
 
+# Guards every change to, and every walk over, the sets of pools above and in
+# _Instruments: a metric reader's exporter collects in a thread of its own
+# while Pool() adds to them in another (iterating a set while it grows is a
+# RuntimeError). Taken when a pool is built and when a reader collects, never
+# on a pool's hot paths. Removals by the garbage collector need no lock: a
+# WeakSet defers them while anyone iterates it.
+_LOCK = threading.Lock()
+
 
 def _attach_set(engine: Engine[Any], ins: _Instruments) -> None:
-    metrics = _install(engine)
-    if ins not in metrics.sets:
-        metrics.sets.append(ins)
-    ins.pools.add(engine)
+    with _LOCK:
+        metrics = _install(engine)
+        if ins not in metrics.sets:
+            metrics.sets.append(ins)
+        ins.pools.add(engine)
+
+
+def _engines() -> list[Engine[Any]]:
+    with _LOCK:
+        return list(_ENGINES)
 
 
 def built(engine: Engine[Any], meter_provider: Any) -> None:
     """A new pool: instrument it for ``Pool(..., meter_provider=mp)`` and for
     every provider given to :func:`instrument`. Costs nothing when there is none."""
-    _ENGINES.add(engine)
+    with _LOCK:
+        _ENGINES.add(engine)
     if meter_provider is not None:
         ins = _instruments_for(meter_provider)
         engine.own_meter = ins
@@ -317,7 +342,7 @@ def instrument(meter_provider: Any = None) -> None:
     ins = _instruments_for(meter_provider)
     if ins not in GLOBAL:
         GLOBAL.append(ins)
-    for engine in list(_ENGINES):
+    for engine in _engines():
         _attach_set(engine, ins)
 
 
@@ -328,9 +353,10 @@ def uninstrument(meter_provider: Any = None) -> None:
     ]
     for ins in drop:
         GLOBAL.remove(ins)
-        for engine in list(_ENGINES):
-            metrics = engine.metrics
-            if metrics is not None and ins in metrics.sets and engine.own_meter is not ins:
-                metrics.sets.remove(ins)
-                ins.pools.discard(engine)
-                _uninstall(engine)
+        for engine in _engines():
+            with _LOCK:
+                metrics = engine.metrics
+                if metrics is not None and ins in metrics.sets and engine.own_meter is not ins:
+                    metrics.sets.remove(ins)
+                    ins.pools.discard(engine)
+                    _uninstall(engine)

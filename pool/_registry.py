@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import weakref
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -72,39 +73,52 @@ _all: weakref.WeakSet[Registered] = weakref.WeakSet()
 # the pools that shared() built: a second one to their target is no multiplication
 _shared: weakref.WeakSet[Registered] = weakref.WeakSet()
 
+# Pools are built and opened in any thread (one event loop per thread), while
+# another walks them (open_pools() for a signal handler): every change and walk
+# holds this lock, so that no walk meets a set or dict growing under it. Taken
+# when a pool is built, opened or closed: never on a hot path.
+_lock = threading.Lock()
+
 
 def built(pool: Registered) -> None:
-    _all.add(pool)
+    with _lock:
+        _all.add(pool)
 
 
 def mark_shared(pool: Registered) -> None:
-    _shared.add(pool)
+    with _lock:
+        _shared.add(pool)
 
 
 def opened(pool: Registered, target: str) -> None:
     """Count ``pool`` as open; warn when it multiplies the pools on its target."""
-    pools = _open.setdefault(target, weakref.WeakSet())
-    pools.add(pool)
-    if len(pools) > 1 and pool not in _shared:
-        ceiling = sum(p.config.connection_limit for p in pools)
+    with _lock:
+        pools = _open.setdefault(target, weakref.WeakSet())
+        pools.add(pool)
+        multiplied = len(pools) > 1 and pool not in _shared
+        ceiling = sum(p.config.connection_limit for p in pools) if multiplied else 0
+        count = len(pools)
+    if multiplied:
         logger.warning(
             "%d pools are now open to %s, with a combined ceiling of %d connections. "
             "Each Pool() holds its own connections: build it once with pool.shared(url) "
             "and reuse it.",
-            len(pools),
+            count,
             pool.config.url.split("?", 1)[0],
             ceiling,
         )
 
 
 def open_pools() -> list[Registered]:
-    return [pool for pools in _open.values() for pool in pools]
+    with _lock:
+        return [pool for pools in _open.values() for pool in pools]
 
 
 def closed(pool: Registered, target: str) -> None:
-    pools = _open.get(target)
-    if pools is not None:
-        pools.discard(pool)
+    with _lock:
+        pools = _open.get(target)
+        if pools is not None:
+            pools.discard(pool)
 
 
 def forget_after_fork() -> None:
@@ -113,6 +127,8 @@ def forget_after_fork() -> None:
     Closing them would close the parent's sessions (they share the sockets), so
     they are dropped without a word to the server. Shared pools start afresh.
     """
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork: it never returns
     for pool in list(_all):
         pool._forget_after_fork()
     _open.clear()
