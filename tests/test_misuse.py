@@ -37,6 +37,16 @@ from tests.servers import MYSQL_URL, POSTGRES_URL, SECRET, require
 THIS_FILE = __file__
 
 
+def _run(main: Callable[[], Any], loop: str) -> Any:
+    """asyncio.run(main()), on asyncio's own loop or on uvloop's."""
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    return asyncio.run(main())
+
+
 def _in_a_thread(main: Callable[[], Any]) -> tuple[threading.Thread, list[BaseException]]:
     errors: list[BaseException] = []
 
@@ -60,8 +70,9 @@ class TestOneEventLoopAtATime:
         [pytest.param(POSTGRES_URL, id="postgres"), pytest.param(MYSQL_URL, id="mysql")],
     )
     @pytest.mark.parametrize("entry", ["fetchval", "acquire", "transaction"])
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
     def test_a_second_running_loop_is_refused_not_handed_the_first_loops_idle_connection(
-        self, url: str, entry: str, seen: Callable[[object], None]
+        self, url: str, entry: str, loop: str, seen: Callable[[object], None]
     ) -> None:
         require(url, url.split(":", 1)[0])
         db: pool.Pool[Any] = pool.Pool(url, connection_limit=2, pool_timeout=5)
@@ -80,7 +91,7 @@ class TestOneEventLoopAtATime:
                 first["stats"] = db.stats()
                 await db.disconnect()
 
-            asyncio.run(main())
+            _run(main, loop)
 
         thread, errors = _in_a_thread(first_loop)
         try:
@@ -101,7 +112,7 @@ class TestOneEventLoopAtATime:
                 assert "one event loop at a time" in str(info.value)
                 assert "one Pool per event loop" in str(info.value)
 
-            asyncio.run(second())
+            _run(second, loop)
         finally:
             tried.set()
             thread.join(30)
