@@ -25,6 +25,7 @@ from ._conn import LENT, Conn
 from ._driver import Driver
 from ._errors import PoolClosedError, TooManyWaitersError
 from ._ledger import (
+    CLOSING,
     OPEN,
     Ledger,
 )
@@ -118,8 +119,6 @@ class Acquiring(Generic[C]):
         self.metrics: PoolMetrics | None = None
         self.metrics_restore: tuple[Any, Any] = (None, None)
         self.own_meter: object = None
-        #: set when the disconnect() in progress has closed everything
-        self.disconnected: anyio.Event | None = None
         #: called when the pool opens, and when it closes without disconnect()
         #: (the registry counts it)
         self.on_open: Callable[[], None] = lambda: None
@@ -131,6 +130,14 @@ class Acquiring(Generic[C]):
 
     def ensure_started(self) -> None:
         """Open on first use (the life cycle's: see :class:`~pool._engine.Engine`)."""
+        raise NotImplementedError
+
+    async def wait_disconnected(self, *, shield: bool = False) -> None:
+        """Until the disconnect in progress ends (the life cycle's)."""
+        raise NotImplementedError
+
+    def hand_over(self, rec: Conn) -> bool:
+        """A caller cancelled mid-I/O on ``rec``: the upkeep finishes it. False: it cannot."""
         raise NotImplementedError
 
     def now(self) -> float:
@@ -151,6 +158,8 @@ class Acquiring(Generic[C]):
         ledger = self.ledger
         loop = self.loop
         if ledger.state is not OPEN or (loop is not None and loop is not _shims.running_loop()):
+            if ledger.state is CLOSING:
+                await self.wait_disconnected()  # reopen once the disconnect in progress ends
             self.ensure_started()
             loop = self.loop
         if ledger.idle:
@@ -310,7 +319,11 @@ class Acquiring(Generic[C]):
             # problem: it is closed, and another one tried.
             logger.debug("an idle connection failed its check; closing it", exc_info=True)
         except BaseException:
-            ledger.check_done(rec, False)  # cancelled mid-check: its state is unknown
+            # Cancelled mid-check (its caller's scope, or the asyncio way): its
+            # protocol state is unknown. The upkeep brings it back (the driver's
+            # own recovery), or it is closed.
+            if not self.hand_over(rec):
+                ledger.check_done(rec, False)
             raise
         finally:
             ledger.scopes.discard(scope)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -54,6 +55,10 @@ class Engine(Acquiring[C]):
     ) -> None:
         super().__init__(driver, config, secrets, hooks)
         self.upkeep = Upkeep(self)
+        #: the disconnect in progress: its task (asyncio), or an event set when it ends (trio)
+        self.disconnecting: asyncio.Task[None] | anyio.Event | None = None
+        #: the id of the task that runs it (its on_before_exit callbacks may disconnect too)
+        self.disconnect_runner: int | None = None
 
     # ------------------------------------------------------------ life cycle
 
@@ -81,6 +86,74 @@ class Engine(Acquiring[C]):
         )
         self.on_open()
 
+    async def run_disconnect(self, body: Callable[[], Awaitable[None]]) -> None:
+        """Run ``body`` (the whole disconnect) once, as the pool's own work; wait for it.
+
+        Every call while one runs waits for that one (a signal handler and the
+        app's shutdown: the ``on_before_exit`` callbacks run once). On asyncio
+        the body runs in a task the engine holds, so that a caller cancelled
+        the asyncio way (``wait_for``, ``asyncio.timeout``, ``task.cancel()``,
+        which no anyio shield stops) only stops waiting: the disconnect still
+        ends, and the next ``connect()``, ``disconnect()`` or use waits for it.
+        On trio a shield stops every cancellation: the first caller runs it.
+        """
+        # One in progress (not ours: an on_before_exit callback's own call
+        # returns at once) ends first; then there is nothing left to do.
+        await self.wait_disconnected(shield=True)
+        if self.disconnecting is not None or self.ledger.state is not OPEN:
+            return  # disconnected (or never opened); or a callback of ours asks
+        loop = _shims.running_loop()
+        if loop is None:  # trio
+            done = self.disconnecting = anyio.Event()
+            self.disconnect_runner = anyio.get_current_task().id
+            try:
+                with anyio.CancelScope(shield=True):
+                    await body()
+            finally:
+                if self.disconnecting is done:
+                    self.disconnecting = self.disconnect_runner = None
+                done.set()
+            return
+        self.disconnecting = loop.create_task(self._owned(body), name="pool disconnect")
+        await self.wait_disconnected(shield=True)
+
+    async def _owned(self, body: Callable[[], Awaitable[None]]) -> None:
+        self.disconnect_runner = anyio.get_current_task().id
+        try:
+            await body()
+        except Exception:
+            # nobody may be awaiting this task any more (its caller was cancelled)
+            logger.exception("disconnecting the pool failed")
+        finally:
+            if self.disconnecting is asyncio.current_task():
+                self.disconnecting = None
+                self.disconnect_runner = None
+
+    def _runs_the_disconnect(self) -> bool:
+        return self.disconnect_runner == anyio.get_current_task().id
+
+    async def wait_disconnected(self, *, shield: bool = False) -> None:
+        """Return once the disconnect in progress, if any, has closed everything.
+
+        ``shield``: an anyio cancellation does not stop the wait either (an
+        asyncio-native one does, but never the disconnect itself).
+        """
+        pending = self.disconnecting
+        if pending is None or self._runs_the_disconnect():
+            return
+        with anyio.CancelScope(shield=shield):
+            if isinstance(pending, asyncio.Task):
+                loop = pending.get_loop()
+                if loop is not _shims.running_loop():
+                    if loop.is_closed() or not loop.is_running():
+                        # Its event loop ended before it did: finish its books here.
+                        self.disconnecting = self.disconnect_runner = None
+                        self.loop_ended("A disconnect was left unfinished by its event loop")
+                    return
+                await asyncio.shield(pending)
+            else:
+                await pending.wait()
+
     async def disconnect(self, grace: float) -> None:
         """Close every connection the pool ever opened, whoever holds it.
 
@@ -88,10 +161,10 @@ class Engine(Acquiring[C]):
         and the connections it was on are terminated at the end without waiting
         for it: their tasks find them closed when they report. A connection
         still being opened is not open yet; its opener closes it when the
-        connect returns, finding the epoch changed.
+        connect returns, finding the epoch changed. Run through
+        :meth:`run_disconnect`, never alone: nothing may stop it half way.
         """
         ledger = self.ledger
-        done = self.disconnected = anyio.Event()
         ledger.drained = anyio.Event()
         idle = ledger.begin_closing(
             PoolClosedError("the pool was disconnected while this call waited")
@@ -109,14 +182,12 @@ class Engine(Acquiring[C]):
         finally:
             ledger.finish_closing()
             self.upkeep.forget()
-            self.disconnected = None
-            done.set()
 
-    async def wait_disconnected(self) -> None:
-        """Return once the disconnect() in progress, if any, has closed everything."""
-        done = self.disconnected
-        if done is not None:
-            await done.wait()
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's disconnect in progress, and its upkeep, are not ours."""
+        self.disconnecting = None
+        self.disconnect_runner = None
+        self.upkeep.forget()
 
     def ensure_started(self) -> None:
         """Open on first use, and move to the caller's event loop if it is another one."""
@@ -252,6 +323,7 @@ class Engine(Acquiring[C]):
         driver = self.driver
         raw = rec.raw
         ok = False
+        handed = False
         # One scope does three jobs (each scope costs microseconds on this
         # path): shielded from the caller's cancellation, bounded, and known to
         # the ledger, so that disconnect() can cut it short.
@@ -270,9 +342,29 @@ class Engine(Acquiring[C]):
                 ok = True
         except Exception:
             logger.debug("cleaning a released connection failed; closing it", exc_info=True)
+        except BaseException:
+            # Out through the shield: the caller was cancelled the asyncio way
+            # (task.cancel(), wait_for, asyncio.timeout), mid-round-trip. The
+            # upkeep finishes the clean-up (the driver's own recovery first),
+            # unless this is the upkeep's own work, ending with its loop.
+            handed = not recover and self.hand_over(rec)
+            raise
         finally:
             ledger.scopes.discard(scope)
-            ledger.tidied(rec, ok, BROKEN if recover else RESET_FAILED)
+            if not handed:
+                ledger.tidied(rec, ok, BROKEN if recover else RESET_FAILED)
+
+    def hand_over(self, rec: Conn) -> bool:
+        """Its caller was cancelled mid-I/O on ``rec`` (BUSY): the upkeep brings it back.
+
+        With the driver's own recovery (a statement cut off mid-protocol is
+        answered, its transaction rolled back): the connection is reused, not
+        reconnected. Without one, False: the caller closes it.
+        """
+        if self.recover is None or rec.state is not BUSY or self.ledger.state is not OPEN:
+            return False
+        self.upkeep.recover_later(rec)
+        return True
 
     async def close(self, rec: Conn) -> None:
         """Close one BUSY connection gracefully, within a bound; report it closed."""

@@ -240,8 +240,10 @@ class Pool(Generic[C]):
     async def connect(self) -> None:
         """Open one connection now (Prisma's ``$connect``), so a bad URL fails at start-up.
 
-        Does nothing if the pool already holds a connection.
+        Does nothing if the pool already holds a connection. A disconnect in
+        progress ends first.
         """
+        await self._engine.wait_disconnected()
         self._engine.ensure_started()
         if self._ledger.size:
             return
@@ -297,15 +299,15 @@ class Pool(Generic[C]):
         it. The pool can be used again afterwards: it reconnects lazily.
         """
         _config.check_seconds("grace", grace)
-        if self._ledger.state is not OPEN:
-            # Closed, or another call is closing: return when that one has.
-            await self._engine.wait_disconnected()
-            return
+        # One disconnect at a time, owned by the pool (see Engine.run_disconnect):
+        # a second call waits for the first, and a caller cancelled the asyncio
+        # way stops waiting without stopping the disconnect half way.
+        await self._engine.run_disconnect(lambda: self._disconnect(grace))
+
+    async def _disconnect(self, grace: float) -> None:
         await self._run_before_exit()
         if self._ledger.state is not OPEN:
-            # a callback (or another call) disconnected us
-            await self._engine.wait_disconnected()
-            return
+            return  # a callback's own use ended the pool otherwise (a move to another loop)
         try:
             await self._engine.disconnect(grace)
         finally:
@@ -343,7 +345,8 @@ class Pool(Generic[C]):
         would then wait forever for a reply it is never told about.
         """
         _INHERITED.extend(self._ledger.forget_after_fork())
-        self._engine.upkeep.forget()
+        # the parent's disconnect in progress, if any, is not the child's to wait for
+        self._engine.forget_after_fork()
 
     async def __aenter__(self) -> Pool[C]:
         """Connect now; the pool disconnects when the last ``async with`` block exits."""
