@@ -103,35 +103,24 @@ import functools
 import ssl as ssl_module
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import urlencode
 
 import asyncpg
 
 from . import InvalidParameter, PasswordProvider, resolve_password
 from ._hosts import Host, NoSuitableHost, connect_first
-from ._url import (
-    HIDDEN,
-    check_connect_args,
-    check_known,
-    credentials,
-    parse_bool,
-    parse_choice,
-    parse_hosts,
-    parse_nonnegative_int,
-    query_multi,
-    redact,
-    split,
+from ._pg import (
+    READ_ONLY_SQLSTATE,
+    RESET_SESSION,
+    TLS_VERSIONS,
+    is_disconnect_sqlstate,
+    parse_pg_url,
+    quote_identifier,
 )
+from ._url import HIDDEN, check_connect_args, parse_nonnegative_int, redact, split
 
 __all__ = ["NoSuitableHost", "PostgresDriver", "create", "quote_identifier"]
 
-SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-SSLACCEPT = ("strict", "accept_invalid_certs")
-TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-CHANNEL_BINDING = ("disable", "prefer", "require")
-TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
-LOAD_BALANCE_HOSTS = ("disable", "random")
-GSSLIBS = ("gssapi", "sspi")
 # the ones asyncpg parses itself, from a DSN that carries nothing else
 _SSL_PARAMS = (
     "sslmode",
@@ -143,7 +132,6 @@ _SSL_PARAMS = (
     "ssl_min_protocol_version",
     "ssl_max_protocol_version",
 )
-_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile")
 PARAMETERS = (
     "host",
     "port",
@@ -184,19 +172,8 @@ _MANAGED = {
     "servicefile": "not supported: put the service's settings in the URL",
 }
 DEFAULT_STATEMENT_CACHE_SIZE = 100
-#: SQLSTATE read_only_sql_transaction: a write reached a read-only session
-READ_ONLY_SQLSTATE = "25006"
-#: admin_shutdown (a fast shutdown, or pg_terminate_backend), crash_shutdown,
-#: cannot_connect_now: the server ended the session
-DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
-
 #: asyncpg's connection; the library has no type hints
 Connection = Any
-
-
-def quote_identifier(name: str) -> str:
-    """``name`` as a PostgreSQL identifier: double-quoted, inner quotes doubled."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _quiet_cancelled_tls_negotiation() -> None:
@@ -230,13 +207,6 @@ def _quiet_cancelled_tls_negotiation() -> None:
 
 
 _quiet_cancelled_tls_negotiation()
-
-
-#: DISCARD ALL less DEALLOCATE ALL: one simple-query batch, one round trip
-_RESET_SESSION = (
-    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
-    "SELECT pg_advisory_unlock_all(); CLOSE ALL; DISCARD TEMP; DISCARD SEQUENCES;"
-)
 
 
 class PostgresDriver:
@@ -406,10 +376,7 @@ class PostgresDriver:
         stream raises ("cannot switch to state 12; another operation (2) is in
         progress"). A query timeout is not one: the connection stays usable.
         """
-        sqlstate = getattr(exc, "sqlstate", None)
-        if isinstance(sqlstate, str) and (
-            sqlstate.startswith("08") or sqlstate in DISCONNECT_SQLSTATES
-        ):
+        if is_disconnect_sqlstate(getattr(exc, "sqlstate", None)):
             return True
         if isinstance(exc, asyncpg.InternalClientError):
             return True
@@ -466,7 +433,7 @@ class PostgresDriver:
         never be notified), and the previous borrower's callbacks would get
         the next one's notifications and notices.
         """
-        await conn.execute(_RESET_SESSION)
+        await conn.execute(RESET_SESSION)
         for name in ("_listeners", "_log_listeners"):  # private: guarded
             callbacks = getattr(conn, name, None)
             if callbacks is not None:
@@ -528,54 +495,6 @@ class PostgresDriver:
         return int(await conn.fetchval("SHOW max_connections"))
 
 
-def _one(params: Mapping[str, list[str]], name: str) -> str | None:
-    values = params.get(name)
-    return None if values is None else values[0]
-
-
-def _hosts_of(
-    authority: list[tuple[str | None, int | None]], params: Mapping[str, list[str]]
-) -> list[Host]:
-    """The host list: the query's ``host``/``port`` win over the authority's (libpq)."""
-    names: list[str | None] = [h for h, _ in authority]
-    ports: list[int | None] = [p for _, p in authority]
-    if "host" in params:
-        names = []
-        for value in params["host"]:
-            for name in value.split(","):
-                if not name or "\0" in name:
-                    raise InvalidParameter(
-                        "host", value, "must be a host name, an IP address or a socket directory"
-                    )
-                names.append(name)
-        if len(set(ports)) == 1:
-            ports = ports[:1] * len(names)  # Prisma: the authority's port for ?host=
-        elif len(ports) != len(names):
-            raise InvalidParameter(
-                "port", ",".join(str(p or "") for p in ports), "must be one port or one per host"
-            )
-    if "port" in params:
-        if len(params["port"]) > 1:
-            raise InvalidParameter("port", params["port"][1], "is given more than once")
-        texts = params["port"][0].split(",")
-        given = [_port_of(t) if t else None for t in texts]
-        if len(given) == 1:
-            ports = given * len(names)
-        elif len(given) == len(names):
-            ports = given
-        else:
-            raise InvalidParameter(
-                "port", params["port"][0], f"must be one port or one per host ({len(names)})"
-            )
-    return [Host(n, p) for n, p in zip(names, ports, strict=True)]
-
-
-def _port_of(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
-        raise InvalidParameter("port", text, "must be a whole number from 1 to 65535")
-    return int(text)
-
-
 def _tls_context(params: Mapping[str, str], *, verify: bool) -> ssl_module.SSLContext:
     """An SSLContext for sslaccept: verifying (system CAs unless sslrootcert) or not."""
     name = "sslrootcert"
@@ -620,66 +539,19 @@ def create(
     that asyncpg takes each key and that the URL does not set it already.
     """
     parts = split(url)
-    if parts.scheme not in ("postgresql", "postgres"):
+    if parts.scheme not in ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"):
         raise InvalidParameter("url", parts.scheme + "://", "must start with postgresql://")
-    multi = query_multi(parts, repeatable=("host",))
-    check_known(multi, PARAMETERS, "postgresql")
-    params = {name: values[0] for name, values in multi.items()}
-
-    hosts = _hosts_of(parse_hosts(parts), multi)
-    user, password = credentials(parts, params)
-    database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if "dbname" in params:
-        if database:
-            raise InvalidParameter(
-                "dbname", params["dbname"], "is given both as the path and as ?dbname="
-            )
-        database = params["dbname"]
-
-    for name in ("sslmode", "sslaccept", "channel_binding"):
-        choices = {"sslmode": SSLMODES, "sslaccept": SSLACCEPT, "channel_binding": CHANNEL_BINDING}
-        if name in params:
-            parse_choice(name, params[name], choices[name])
-    for name in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
-        if name in params:
-            parse_choice(name, params[name], TLS_VERSIONS)
-    if "gsslib" in params:
-        parse_choice("gsslib", params["gsslib"], GSSLIBS)
-    for name in _FILE_PARAMS:
-        if name in params and not params[name]:
-            raise InvalidParameter(name, "", "must be a file path")
-    if "sslidentity" in params:
-        raise InvalidParameter(
-            "sslidentity",
-            params["sslidentity"],
-            "is a PKCS#12 bundle, which Python's ssl module cannot load; split it with"
-            " `openssl pkcs12 -in id.p12 -clcerts -nokeys -out client.crt` and"
-            " `openssl pkcs12 -in id.p12 -nocerts -out client.key`, then pass sslcert="
-            " and sslkey= (and sslpassword= if the key is encrypted)",
-        )
+    pg = parse_pg_url(url, PARAMETERS, "postgresql")
+    parts, params, hosts = pg.parts, pg.params, pg.hosts
+    user, password, database = pg.user, pg.password, pg.database
+    target, load_balance, pgbouncer = pg.target, pg.load_balance, pg.pgbouncer
     if params.get("channel_binding") == "require":
         raise InvalidParameter(
             "channel_binding",
             "require",
             "cannot be honoured: asyncpg's SCRAM authentication has no channel binding"
-            " (use prefer or disable)",
+            " (use prefer or disable, or the psycopg driver: postgresql+psycopg://)",
         )
-
-    target = None
-    if "target_session_attrs" in params:
-        target = parse_choice(
-            "target_session_attrs", params["target_session_attrs"], TARGET_SESSION_ATTRS
-        )
-    load_balance = (
-        parse_choice("load_balance_hosts", params["load_balance_hosts"], LOAD_BALANCE_HOSTS)
-        == "random"
-        if "load_balance_hosts" in params
-        else False
-    )
-    if len(hosts) > 1 and target is None:
-        target = "any"  # a list is tried host by host, by us
-
-    pgbouncer = parse_bool("pgbouncer", params["pgbouncer"]) if "pgbouncer" in params else False
     if "statement_cache_size" in params:
         statement_cache_size = parse_nonnegative_int(
             "statement_cache_size", params["statement_cache_size"]
@@ -692,54 +564,16 @@ def create(
             )
     else:
         statement_cache_size = 0 if pgbouncer else DEFAULT_STATEMENT_CACHE_SIZE
-
-    server_settings: dict[str, str] = {}
-    if "schema" in params:
-        schema = params["schema"]
-        if not schema or "\0" in schema:
-            raise InvalidParameter("schema", schema, "must be a non-empty name without NUL")
-        if pgbouncer:
-            # PgBouncer (1.18 in transaction mode) cannot carry a search_path startup
-            # parameter to the server: it refuses it, or drops it without a word when
-            # listed in ignore_startup_parameters. Either way the schema would not hold.
-            raise InvalidParameter(
-                "schema",
-                schema,
-                "cannot be honoured with pgbouncer=true (PgBouncer does not pass a "
-                "search_path to the server); qualify table names, or set the role's "
-                "search_path with ALTER ROLE ... SET search_path",
-            )
-        server_settings["search_path"] = quote_identifier(schema)
-    for name in ("application_name", "options"):
-        if name in params:
-            if "\0" in params[name]:
-                # the startup packet is NUL-separated
-                raise InvalidParameter(name, params[name], "must not contain NUL")
-            server_settings[name] = params[name]
+    server_settings = dict(pg.settings)
 
     ssl_context: ssl_module.SSLContext | None = None
     sslmode = params.get("sslmode")
     if params.get("sslaccept") == "strict":
-        if sslmode in ("disable", "allow", "prefer"):
-            raise InvalidParameter(
-                "sslaccept",
-                "strict",
-                f"verifies the server's certificate, so it needs TLS; sslmode={sslmode} makes"
-                " TLS optional (use sslmode=require, or leave sslmode out)",
-            )
         ssl_context = _tls_context(params, verify=True)
-    elif params.get("sslaccept") == "accept_invalid_certs":
-        if sslmode in ("verify-ca", "verify-full") or "sslrootcert" in params:
-            raise InvalidParameter(
-                "sslaccept",
-                "accept_invalid_certs",
-                "contradicts sslmode=verify-ca/verify-full and sslrootcert, which verify"
-                " the server's certificate",
-            )
-        if sslmode == "require":
-            # asyncpg's require would still verify against ~/.postgresql/root.crt
-            ssl_context = _tls_context(params, verify=False)
+    elif params.get("sslaccept") == "accept_invalid_certs" and sslmode == "require":
+        # asyncpg's require would still verify against ~/.postgresql/root.crt;
         # allow and prefer never verify in asyncpg: its own context is right
+        ssl_context = _tls_context(params, verify=False)
 
     extra = check_connect_args(connect_args or {}, asyncpg.connect, _MANAGED, "postgresql")
     ssl_given = [name for name in (*_SSL_PARAMS, "sslaccept") if name in params]
