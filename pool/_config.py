@@ -379,6 +379,13 @@ _HOST_PARAMETERS = {
     "postgres": "host",
     "mysql": "socket",
     "mariadb": "socket",
+    # the same databases through another driver (SQLAlchemy's scheme+driver)
+    "postgresql+asyncpg": "host",
+    "postgres+asyncpg": "host",
+    "postgresql+psycopg": "host",
+    "postgres+psycopg": "host",
+    "mysql+asyncmy": "socket",
+    "mariadb+asyncmy": "socket",
 }
 
 

@@ -144,8 +144,14 @@ class Driver(Protocol[C]):
 _SCHEMES: dict[str, tuple[str, str]] = {
     "postgresql": ("pool_drivers.postgres", "postgres"),
     "postgres": ("pool_drivers.postgres", "postgres"),
+    "postgresql+asyncpg": ("pool_drivers.postgres", "postgres"),
+    "postgres+asyncpg": ("pool_drivers.postgres", "postgres"),
+    "postgresql+psycopg": ("pool_drivers.psycopg", "psycopg"),
+    "postgres+psycopg": ("pool_drivers.psycopg", "psycopg"),
     "mysql": ("pool_drivers.mysql", "mysql"),
     "mariadb": ("pool_drivers.mysql", "mysql"),
+    "mysql+asyncmy": ("pool_drivers.asyncmy", "asyncmy"),
+    "mariadb+asyncmy": ("pool_drivers.asyncmy", "asyncmy"),
     "sqlite": ("pool_drivers.sqlite", ""),
 }
 

@@ -72,7 +72,7 @@ def default_name(scheme: str, driver_url: str) -> str:
         return parts.path[1:] if parts.path.startswith("/") else parts.path or ":memory:"
     query = parse_qs(parts.query)
     hosts = parts.netloc.rpartition("@")[2] or ",".join(query.get("host", [])) or "localhost"
-    port = _DEFAULT_PORTS.get(scheme)
+    port = _DEFAULT_PORTS.get(scheme.partition("+")[0])  # postgresql+psycopg: postgresql
     if port is not None:
         # every host of a host list gets its port: "h1:5432,h2:5432"
         hosts = ",".join(

@@ -57,7 +57,8 @@ def target_of(scheme: str, driver_url: str) -> str:
     parts = urlsplit(driver_url)
     if scheme == "sqlite":
         return f"sqlite://{parts.path}"
-    family = {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
+    base = scheme.partition("+")[0]  # one database, whichever driver: postgresql+psycopg
+    family = {"postgres": "postgresql", "mariadb": "mysql"}.get(base, base)
     # The authority may be libpq's host list (h1:5432,h2:5433), which urlsplit's
     # .port refuses: take it verbatim, less any user info.
     hosts = parts.netloc.rpartition("@")[2]
