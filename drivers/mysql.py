@@ -75,11 +75,8 @@ Quirks smoothed over here:
 
 from __future__ import annotations
 
-import contextlib
-import ssl as ssl_module
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import aiomysql
 import anyio
@@ -88,35 +85,18 @@ from pymysql.charset import charset_by_name
 from pymysql.constants import CLIENT, CR
 from pymysql.err import OperationalError
 
-from . import InvalidParameter, PasswordProvider, resolve_password
-from ._url import (
-    HIDDEN,
-    check_connect_args,
-    check_known,
-    credentials,
-    parse_choice,
-    parse_host_port,
-    query_params,
-    redact,
-    split,
+from . import resolve_password
+from ._my import (  # re-exported: the names this module always had
+    MAX_APPLICATION_NAME_BYTES,
+    PARAMETERS,
+    READ_ONLY_ERRORS,
+    MySQLBase,
+    read_url,
 )
+from ._url import check_connect_args, redact
 
-__all__ = ["MySQLDriver", "create"]
+__all__ = ["MAX_APPLICATION_NAME_BYTES", "PARAMETERS", "READ_ONLY_ERRORS", "MySQLDriver", "create"]
 
-PARAMETERS = (
-    "sslmode",
-    "sslaccept",
-    "sslcert",
-    "sslidentity",
-    "sslpassword",
-    "charset",
-    "application_name",
-    "socket",
-    "user",
-    "password",
-)
-SSLMODES = ("disable", "require")
-SSLACCEPT = ("strict", "accept_invalid_certs")
 #: aiomysql Connection keywords this module sets, and the URL part that sets each
 _MANAGED = {
     "host": "the URL's host",
@@ -130,14 +110,6 @@ _MANAGED = {
     "connect_timeout": "connect_timeout",
     "program_name": "?application_name=",
 }
-#: errors for a write refused by a read-only server: 1290 (--read-only),
-#: 1792 (a READ ONLY transaction), 1836 (a read-only replica, MySQL 5.7+)
-READ_ONLY_ERRORS = frozenset({1290, 1792, 1836})
-DEFAULT_CHARSET = "utf8mb4"
-# aiomysql writes the total length of the connection attributes as a single
-# byte, and its own attributes take about 70 of the 250 that fit; a longer
-# name would fail inside the handshake with a struct.error.
-MAX_APPLICATION_NAME_BYTES = 128
 
 #: aiomysql's connection; the library has no type hints
 Connection = Any
@@ -171,19 +143,11 @@ class TLSOnlyConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql 
         await super()._request_authentication()
 
 
-#: the protocol command that resets a session (MySQL 5.7.3+, MariaDB 10.2.4+)
-_COM_RESET_CONNECTION = 0x1F
-
-
-class MySQLDriver:
+class MySQLDriver(MySQLBase):
     """The adapter. Its connection type is aiomysql's own ``Connection``.
 
     (With ``sslmode=require``, :class:`TLSOnlyConnection`, a subclass of it.)
     """
-
-    scheme = "mysql"
-    #: aiomysql runs on asyncio only
-    async_libraries: tuple[str, ...] = ("asyncio",)
 
     def __init__(
         self,
@@ -199,9 +163,6 @@ class MySQLDriver:
         self._connection_class: Any = TLSOnlyConnection if tls else aiomysql.Connection
         self._connect_timeout = connect_timeout
         self._socket_timeout = socket_timeout
-
-    #: set by the pool for ``Pool(..., password=callable)``: asked at each connect
-    password_provider: PasswordProvider | None = None
 
     def __repr__(self) -> str:
         return f"<MySQLDriver {self._display_url}>"
@@ -224,18 +185,6 @@ class MySQLDriver:
             raise
         return conn
 
-    async def close(self, conn: Connection) -> None:
-        try:
-            with anyio.fail_after(self._socket_timeout):
-                await conn.ensure_closed()  # sends COM_QUIT, then closes
-        finally:
-            # ensure_closed() leaves the socket open when the write fails
-            conn.close()
-
-    def terminate(self, conn: Connection) -> None:
-        with contextlib.suppress(Exception):  # the contract: terminate never raises
-            conn.close()  # synchronous: drops the transport, sends nothing
-
     def is_alive(self, conn: Connection) -> bool:
         # aiomysql reads nothing while a connection is idle, but asyncio does:
         # a session the server ended (KILL, a restart) has already left EOF on
@@ -253,9 +202,6 @@ class MySQLDriver:
             # an error packet and leaves the socket open).
             conn.close()
             raise
-
-    def in_transaction(self, conn: Connection) -> bool:
-        return bool(conn.get_transaction_status())
 
     def is_clean(self, conn: Connection) -> bool:
         # is_alive() and not in_transaction(), in one call: the fast release's test
@@ -288,139 +234,14 @@ class MySQLDriver:
             return True
         return isinstance(exc, OperationalError) and exc.args[:1] == (2014,)
 
-    async def reset_session(self, conn: Connection) -> None:
-        """COM_RESET_CONNECTION: user variables, temporary tables, session settings, locks.
-
-        aiomysql has no public call for it: the command goes through its
-        private ``_execute_command``, checked here; without it the reset
-        fails and the pool closes the connection instead. The reset puts the
-        session's character set and autocommit back to the server's
-        defaults, so both are set again.
-        """
-        execute = getattr(conn, "_execute_command", None)
-        read_ok = getattr(conn, "_read_ok_packet", None)
-        if execute is None or read_ok is None:
-            raise NotImplementedError("this aiomysql has no COM_RESET_CONNECTION")
-
-        async def reset() -> None:
-            await execute(_COM_RESET_CONNECTION, b"")
-            await read_ok()
-            await conn.set_charset(conn.charset)
-            await conn.autocommit(True)
-
-        await self._bounded(conn, reset)
-
-    async def begin(self, conn: Connection) -> None:
-        await self._bounded(conn, conn.begin)
-
-    async def commit(self, conn: Connection) -> None:
-        await self._bounded(conn, conn.commit)
-
-    async def rollback(self, conn: Connection) -> None:
-        await self._bounded(conn, conn.rollback)
-
-    async def fetch(
-        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
-    ) -> list[Any]:
-        """All rows, as tuples."""
-
-        async def run() -> list[Any]:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, tuple(args) or None)
-                return list(await cur.fetchall())
-
-        return await self._bounded(conn, run, timeout)
-
-    async def fetchrow(
-        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
-    ) -> Any | None:
-        """The first row as a tuple, or None."""
-
-        async def run() -> Any | None:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, tuple(args) or None)
-                return await cur.fetchone()
-
-        return await self._bounded(conn, run, timeout)
-
-    async def fetchval(
-        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
-    ) -> Any:
-        """The first column of the first row, or None."""
-        row = await self.fetchrow(conn, sql, args, timeout)
-        return None if row is None else row[0]
-
-    async def execute(
-        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
-    ) -> Any:
-        """The number of rows affected (for a SELECT, the number of rows)."""
-
-        async def run() -> int:
-            async with conn.cursor() as cur:
-                return int(await cur.execute(sql, tuple(args) or None))
-
-        return await self._bounded(conn, run, timeout)
-
-    async def executemany(
-        self,
-        conn: Connection,
-        sql: str,
-        args_iterable: Iterable[Sequence[Any]],
-        timeout: float | None = None,
-    ) -> None:
-        """``sql`` once per argument tuple; all or nothing, as asyncpg's is.
-
-        aiomysql sends an ``INSERT ... VALUES`` as multi-row statements. Outside
-        a transaction this opens one, so that a failure halfway leaves nothing.
-        """
-        rows = [tuple(args) for args in args_iterable]
-
-        async def run() -> None:
-            own = not conn.get_transaction_status()
-            if own:
-                await conn.begin()
-            try:
-                async with conn.cursor() as cur:
-                    await cur.executemany(sql, rows)
-                if own:
-                    await conn.commit()
-            except Exception:
-                if own and not conn.closed:
-                    with contextlib.suppress(Exception):
-                        await conn.rollback()
-                raise
-
-        await self._bounded(conn, run, timeout)
-
-    async def server_max_connections(self, conn: Connection) -> int | None:
-        return int(await self.fetchval(conn, "SELECT @@max_connections", ()))
-
     def host_of(self, conn: Connection) -> str:
         """The server ``conn`` is on: ``"host:port"``, or the socket path."""
         if conn.unix_socket:
             return str(conn.unix_socket)
         return f"{conn.host}:{conn.port}"
 
-    def is_read_only_error(self, exc: BaseException) -> bool:
-        """True for a write the server refused as read-only (1290, 1792, 1836)."""
-        # PyMySQL's errors (aiomysql re-exports them) carry (code, message)
-        code = exc.args[0] if isinstance(exc, Exception) and exc.args else None
-        return isinstance(code, int) and code in READ_ONLY_ERRORS
-
-    async def _bounded(
-        self, conn: Connection, call: Callable[[], Awaitable[T]], timeout: float | None = None
-    ) -> T:
-        """Run ``call`` within ``timeout``, else ``socket_timeout``, if either is set."""
-        limit = self._socket_timeout if timeout is None else timeout
-        if limit is None:
-            return await call()
-        with anyio.move_on_after(limit):
-            return await call()
-        # Cancelled mid-protocol: the rest of the reply would be read as the
-        # answer to the next query, so the connection cannot be used again.
-        conn.close()
-        name = "socket_timeout" if timeout is None else "timeout"
-        raise TimeoutError(f"no reply within {name}={limit}s; the connection was closed")
+def _is_charset(name: str) -> bool:
+    return charset_by_name(name) is not None
 
 
 def create(
@@ -435,104 +256,28 @@ def create(
     ``connect_args`` go to aiomysql's ``Connection`` as they are, after a
     check that it takes each key and that the URL does not set it already.
     """
-    parts = split(url)
-    if parts.scheme not in ("mysql", "mariadb"):
-        raise InvalidParameter("url", parts.scheme + "://", "must start with mysql://")
-    params = query_params(parts)
-    check_known(params, PARAMETERS, "mysql")
-
-    host, port = parse_host_port(parts)
-    user, password = credentials(parts, params)
-    database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    socket = params.get("socket")
-    if socket is not None and (not socket or "\0" in socket):
-        raise InvalidParameter("socket", socket, "must be the path of the server's Unix socket")
-
-    if "sslidentity" in params or "sslpassword" in params:
-        name = "sslidentity" if "sslidentity" in params else "sslpassword"
-        raise InvalidParameter(
-            name,
-            params["sslidentity"] if name == "sslidentity" else HIDDEN,
-            "cannot be used: sslidentity is a PKCS#12 bundle, which Python's ssl module"
-            " cannot load (and sslpassword is only its password); build an ssl.SSLContext,"
-            " call load_cert_chain(cert, key, password) on it, and pass"
-            " connect_args={'ssl': context}",
-        )
-    sslmode = parse_choice("sslmode", params.get("sslmode", "disable"), SSLMODES)
-    sslaccept = None
-    if "sslaccept" in params:
-        sslaccept = parse_choice("sslaccept", params["sslaccept"], SSLACCEPT)
-    if "sslcert" in params:
-        if not params["sslcert"]:
-            raise InvalidParameter("sslcert", "", "must be a file path")
-        if sslaccept == "accept_invalid_certs":
-            raise InvalidParameter(
-                "sslaccept",
-                sslaccept,
-                "contradicts sslcert, which is there to verify the server's certificate",
-            )
-        sslaccept = "strict"
-    if sslaccept is not None:
-        if "sslmode" in params and sslmode == "disable":
-            raise InvalidParameter(
-                "sslmode", "disable", "contradicts sslaccept and sslcert, which need TLS"
-            )
-        sslmode = "require"
-
-    ssl: ssl_module.SSLContext | None = None
-    if sslmode == "require" and sslaccept == "strict":
-        try:
-            ssl = ssl_module.create_default_context(cafile=params.get("sslcert"))
-        except (OSError, ssl_module.SSLError) as exc:
-            raise InvalidParameter(
-                "sslcert", params["sslcert"], f"cannot be loaded ({type(exc).__name__})"
-            ) from None
-    elif sslmode == "require":
-        ssl = ssl_module.create_default_context()
-        # encryption without verification: see the module docstring
-        ssl.check_hostname = False
-        ssl.verify_mode = ssl_module.CERT_NONE
-
-    charset = params.get("charset", DEFAULT_CHARSET)
-    if charset_by_name(charset) is None:
-        raise InvalidParameter("charset", charset, "must be a MySQL character set, e.g. utf8mb4")
-
-    application_name = params.get("application_name", "")
-    if len(application_name.encode()) > MAX_APPLICATION_NAME_BYTES:
-        raise InvalidParameter(
-            "application_name",
-            application_name,
-            f"must be at most {MAX_APPLICATION_NAME_BYTES} bytes in UTF-8",
-        )
-
+    u = read_url(url, ("mysql", "mariadb"), "mysql", _is_charset)
     extra = check_connect_args(
         connect_args or {}, aiomysql.Connection.__init__, _MANAGED, "mysql"
     )
-    ssl_given = [n for n in ("sslmode", "sslaccept", "sslcert") if n in params]
-    if "ssl" in extra and ssl_given:
-        raise InvalidParameter(
-            "connect_args",
-            "ssl",
-            f"conflicts with {', '.join(ssl_given)} in the URL: configure TLS in one place",
-        )
-
+    u.check_ssl_args(extra)
     connect_kwargs: dict[str, Any] = {
-        "host": host or "localhost",
-        "port": port or 3306,
-        "unix_socket": socket,
-        "user": user,
-        "password": password or "",
-        "db": database or None,
-        "charset": charset,
+        "host": u.host,
+        "port": u.port,
+        "unix_socket": u.socket,
+        "user": u.user,
+        "password": u.password,
+        "db": u.database,
+        "charset": u.charset,
         "autocommit": True,
         # not connect_timeout: our cancel scope bounds the whole connect
-        "ssl": ssl,
-        "program_name": application_name,
+        "ssl": u.ssl,
+        "program_name": u.application_name,
         "cursorclass": QuietCursor,
     }
     connect_kwargs.update(extra)
     return MySQLDriver(
-        display_url=redact(parts),
+        display_url=redact(u.parts),
         connect_kwargs=connect_kwargs,
         # TLSOnlyConnection refuses a server without TLS; an SSLContext from
         # connect_args says as much as sslmode=require does

@@ -1,0 +1,336 @@
+"""What the two MySQL drivers (aiomysql, asyncmy) share: the URL rules and the queries.
+
+No driver library is imported here, so that an asyncmy user needs no aiomysql
+and the other way round. Both libraries descend from PyMySQL and keep its
+connection API (``cursor()``, ``begin()``, ``get_transaction_status()``,
+``ensure_closed()``, the ``(code, message)`` errors), which is what
+:class:`MySQLBase` relies on; each driver adds its connect, its liveness test
+and its own client-side errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl as ssl_module
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import SplitResult, unquote
+
+import anyio
+
+from . import InvalidParameter, PasswordProvider
+from ._url import (
+    HIDDEN,
+    check_known,
+    credentials,
+    parse_choice,
+    parse_host_port,
+    query_params,
+    split,
+)
+
+__all__ = ["MySQLBase", "MySQLURL", "read_url"]
+
+PARAMETERS = (
+    "sslmode",
+    "sslaccept",
+    "sslcert",
+    "sslidentity",
+    "sslpassword",
+    "charset",
+    "application_name",
+    "socket",
+    "user",
+    "password",
+)
+SSLMODES = ("disable", "require")
+SSLACCEPT = ("strict", "accept_invalid_certs")
+#: errors for a write refused by a read-only server: 1290 (--read-only),
+#: 1792 (a READ ONLY transaction), 1836 (a read-only replica, MySQL 5.7+)
+READ_ONLY_ERRORS = frozenset({1290, 1792, 1836})
+DEFAULT_CHARSET = "utf8mb4"
+# aiomysql writes the total length of the connection attributes as a single
+# byte, and its own attributes take about 70 of the 250 that fit; a longer
+# name would fail inside the handshake with a struct.error.
+MAX_APPLICATION_NAME_BYTES = 128
+
+#: the protocol command that resets a session (MySQL 5.7.3+, MariaDB 10.2.4+)
+_COM_RESET_CONNECTION = 0x1F
+
+#: a PyMySQL-style connection (aiomysql's, asyncmy's); neither library is typed
+Connection = Any
+T = TypeVar("T")
+
+
+class MySQLBase:
+    """The driver methods aiomysql and asyncmy connections answer alike."""
+
+    scheme = "mysql"
+    #: both libraries run on asyncio only
+    async_libraries: tuple[str, ...] = ("asyncio",)
+    #: set by the pool for ``Pool(..., password=callable)``: asked at each connect
+    password_provider: PasswordProvider | None = None
+    _socket_timeout: float | None = None
+
+    async def close(self, conn: Connection) -> None:
+        try:
+            with anyio.fail_after(self._socket_timeout):
+                await conn.ensure_closed()  # sends COM_QUIT, then closes
+        finally:
+            # ensure_closed() leaves the socket open when the write fails
+            conn.close()
+
+    def terminate(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):  # the contract: terminate never raises
+            conn.close()  # synchronous: drops the transport, sends nothing
+
+    def in_transaction(self, conn: Connection) -> bool:
+        return bool(conn.get_transaction_status())
+
+    async def reset_session(self, conn: Connection) -> None:
+        """COM_RESET_CONNECTION: user variables, temporary tables, session settings, locks.
+
+        Neither aiomysql nor asyncmy has a public call for it: the command goes
+        through their private ``_execute_command``, checked here; without it the reset
+        fails and the pool closes the connection instead. The reset puts the
+        session's character set and autocommit back to the server's
+        defaults, so both are set again.
+        """
+        execute = getattr(conn, "_execute_command", None)
+        read_ok = getattr(conn, "_read_ok_packet", None)
+        if execute is None or read_ok is None:
+            raise NotImplementedError("this driver library has no COM_RESET_CONNECTION")
+
+        async def reset() -> None:
+            await execute(_COM_RESET_CONNECTION, b"")
+            await read_ok()
+            # the client's side already uses this character set: only the
+            # server's needs setting again (a name checked when the URL was read)
+            async with conn.cursor() as cur:
+                await cur.execute("SET NAMES " + conn.character_set_name())
+            await conn.autocommit(True)
+
+        await self._bounded(conn, reset)
+
+    async def begin(self, conn: Connection) -> None:
+        await self._bounded(conn, conn.begin)
+
+    async def commit(self, conn: Connection) -> None:
+        await self._bounded(conn, conn.commit)
+
+    async def rollback(self, conn: Connection) -> None:
+        await self._bounded(conn, conn.rollback)
+
+    async def fetch(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> list[Any]:
+        """All rows, as tuples."""
+
+        async def run() -> list[Any]:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, tuple(args) or None)
+                return list(await cur.fetchall())
+
+        return await self._bounded(conn, run, timeout)
+
+    async def fetchrow(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any | None:
+        """The first row as a tuple, or None."""
+
+        async def run() -> Any | None:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, tuple(args) or None)
+                return await cur.fetchone()
+
+        return await self._bounded(conn, run, timeout)
+
+    async def fetchval(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
+        """The first column of the first row, or None."""
+        row = await self.fetchrow(conn, sql, args, timeout)
+        return None if row is None else row[0]
+
+    async def execute(
+        self, conn: Connection, sql: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
+        """The number of rows affected (for a SELECT, the number of rows)."""
+
+        async def run() -> int:
+            async with conn.cursor() as cur:
+                return int(await cur.execute(sql, tuple(args) or None))
+
+        return await self._bounded(conn, run, timeout)
+
+    async def executemany(
+        self,
+        conn: Connection,
+        sql: str,
+        args_iterable: Iterable[Sequence[Any]],
+        timeout: float | None = None,
+    ) -> None:
+        """``sql`` once per argument tuple; all or nothing, as asyncpg's is.
+
+        aiomysql sends an ``INSERT ... VALUES`` as multi-row statements. Outside
+        a transaction this opens one, so that a failure halfway leaves nothing.
+        """
+        rows = [tuple(args) for args in args_iterable]
+
+        async def run() -> None:
+            own = not conn.get_transaction_status()
+            if own:
+                await conn.begin()
+            try:
+                async with conn.cursor() as cur:
+                    await cur.executemany(sql, rows)
+                if own:
+                    await conn.commit()
+            except Exception:
+                if own and not conn.closed:
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                raise
+
+        await self._bounded(conn, run, timeout)
+
+    async def server_max_connections(self, conn: Connection) -> int | None:
+        return int(await self.fetchval(conn, "SELECT @@max_connections", ()))
+
+    def is_read_only_error(self, exc: BaseException) -> bool:
+        """True for a write the server refused as read-only (1290, 1792, 1836)."""
+        # PyMySQL's errors (aiomysql re-exports them) carry (code, message)
+        code = exc.args[0] if isinstance(exc, Exception) and exc.args else None
+        return isinstance(code, int) and code in READ_ONLY_ERRORS
+
+    async def _bounded(
+        self, conn: Connection, call: Callable[[], Awaitable[T]], timeout: float | None = None
+    ) -> T:
+        """Run ``call`` within ``timeout``, else ``socket_timeout``, if either is set."""
+        limit = self._socket_timeout if timeout is None else timeout
+        if limit is None:
+            return await call()
+        with anyio.move_on_after(limit):
+            return await call()
+        # Cancelled mid-protocol: the rest of the reply would be read as the
+        # answer to the next query, so the connection cannot be used again.
+        conn.close()
+        name = "socket_timeout" if timeout is None else "timeout"
+        raise TimeoutError(f"no reply within {name}={limit}s; the connection was closed")
+
+
+@dataclass
+class MySQLURL:
+    """A MySQL URL read and checked, in no driver's terms yet."""
+
+    parts: SplitResult
+    params: dict[str, str]
+    host: str
+    port: int
+    socket: str | None
+    user: str | None
+    password: str
+    database: str | None
+    charset: str
+    ssl: ssl_module.SSLContext | None
+    application_name: str
+
+    def check_ssl_args(self, extra: Mapping[str, Any]) -> None:
+        """An ``ssl`` in connect_args and ``ssl*`` in the URL: TLS set up in two places."""
+        ssl_given = [n for n in ("sslmode", "sslaccept", "sslcert") if n in self.params]
+        if "ssl" in extra and ssl_given:
+            raise InvalidParameter(
+                "connect_args",
+                "ssl",
+                f"conflicts with {', '.join(ssl_given)} in the URL: configure TLS in one place",
+            )
+
+
+def read_url(
+    url: str, schemes: Sequence[str], driver: str, is_charset: Callable[[str], bool]
+) -> MySQLURL:
+    """The rules every MySQL driver (aiomysql, asyncmy) reads its URL with."""
+    parts = split(url)
+    if parts.scheme not in schemes:
+        raise InvalidParameter("url", parts.scheme + "://", f"must start with {schemes[0]}://")
+    params = query_params(parts)
+    check_known(params, PARAMETERS, driver)
+
+    host, port = parse_host_port(parts)
+    user, password = credentials(parts, params)
+    database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    socket = params.get("socket")
+    if socket is not None and (not socket or "\0" in socket):
+        raise InvalidParameter("socket", socket, "must be the path of the server's Unix socket")
+
+    if "sslidentity" in params or "sslpassword" in params:
+        name = "sslidentity" if "sslidentity" in params else "sslpassword"
+        raise InvalidParameter(
+            name,
+            params["sslidentity"] if name == "sslidentity" else HIDDEN,
+            "cannot be used: sslidentity is a PKCS#12 bundle, which Python's ssl module"
+            " cannot load (and sslpassword is only its password); build an ssl.SSLContext,"
+            " call load_cert_chain(cert, key, password) on it, and pass"
+            " connect_args={'ssl': context}",
+        )
+    sslmode = parse_choice("sslmode", params.get("sslmode", "disable"), SSLMODES)
+    sslaccept = None
+    if "sslaccept" in params:
+        sslaccept = parse_choice("sslaccept", params["sslaccept"], SSLACCEPT)
+    if "sslcert" in params:
+        if not params["sslcert"]:
+            raise InvalidParameter("sslcert", "", "must be a file path")
+        if sslaccept == "accept_invalid_certs":
+            raise InvalidParameter(
+                "sslaccept",
+                sslaccept,
+                "contradicts sslcert, which is there to verify the server's certificate",
+            )
+        sslaccept = "strict"
+    if sslaccept is not None:
+        if "sslmode" in params and sslmode == "disable":
+            raise InvalidParameter(
+                "sslmode", "disable", "contradicts sslaccept and sslcert, which need TLS"
+            )
+        sslmode = "require"
+
+    ssl: ssl_module.SSLContext | None = None
+    if sslmode == "require" and sslaccept == "strict":
+        try:
+            ssl = ssl_module.create_default_context(cafile=params.get("sslcert"))
+        except (OSError, ssl_module.SSLError) as exc:
+            raise InvalidParameter(
+                "sslcert", params["sslcert"], f"cannot be loaded ({type(exc).__name__})"
+            ) from None
+    elif sslmode == "require":
+        ssl = ssl_module.create_default_context()
+        # encryption without verification: see the module docstring
+        ssl.check_hostname = False
+        ssl.verify_mode = ssl_module.CERT_NONE
+
+    charset = params.get("charset", DEFAULT_CHARSET)
+    if not is_charset(charset):
+        raise InvalidParameter("charset", charset, "must be a MySQL character set, e.g. utf8mb4")
+
+    application_name = params.get("application_name", "")
+    if len(application_name.encode()) > MAX_APPLICATION_NAME_BYTES:
+        raise InvalidParameter(
+            "application_name",
+            application_name,
+            f"must be at most {MAX_APPLICATION_NAME_BYTES} bytes in UTF-8",
+        )
+
+    return MySQLURL(
+        parts=parts,
+        params=params,
+        host=host or "localhost",
+        port=port or 3306,
+        socket=socket,
+        user=user,
+        password=password or "",
+        database=database or None,
+        charset=charset,
+        ssl=ssl,
+        application_name=application_name,
+    )
