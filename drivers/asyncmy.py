@@ -153,6 +153,17 @@ class AsyncmyDriver(MySQLBase):
         if isinstance(cache, dict):
             cache.clear()
 
+    def classify_connect_error(self, exc: BaseException) -> str | None:
+        """Why a connect failed, as on aiomysql: 1045 auth, 1044 and 1049 the database."""
+        if not isinstance(exc, errors.MySQLError) or not exc.args:
+            return None
+        number = exc.args[0]
+        if number == 1045:
+            return "auth"
+        if number in (1044, 1049):
+            return "database"
+        return None
+
     def is_broken_error(self, exc: BaseException) -> bool:
         """asyncmy's client-side errors: a packet it could not read, commands out of sync."""
         if isinstance(exc, errors.InterfaceError):
