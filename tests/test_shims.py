@@ -66,7 +66,8 @@ class TestCurrentTask:
             task = asyncio.current_task()
             assert task is not None
             task.set_name("the-holder")
-            assert await holder_name_in_timeout_error() == "the-holder"
+            # the fallback still tells which task holds it: here, the waiting task itself
+            assert await holder_name_in_timeout_error() == "the-holder (the waiting task itself)"
 
         asyncio.run(main())
 
