@@ -63,6 +63,15 @@ C = TypeVar("C")
 logger = logging.getLogger("pool")
 
 
+def _running(task: object) -> bool:
+    """Is this holder task (asyncio's or trio's) still running? Only asked on a suspect release."""
+    done = getattr(task, "done", None)
+    if callable(done):
+        return not done()
+    coro = getattr(task, "coro", None)  # trio: a finished task's coroutine has no frame
+    return coro is None or getattr(coro, "cr_frame", None) is not None
+
+
 class Ledger(Closing[C]):
     """The pool's accounting. Synchronous: not one method here awaits.
 
@@ -159,15 +168,16 @@ class Ledger(Closing[C]):
         """A bare ``release(conn)``: the connection's lease, or PoolError for a misuse.
 
         Refused: a connection handed to a waiter (nobody holds it), and a second
-        release by its previous holder once another task holds it. A release by
-        any other task stays allowed (a connection may be released by a task
-        other than the one that acquired it).
+        release by its previous holder once another task, still running, holds
+        it. A release by any other task stays allowed (a connection may be
+        released by a task other than the one that acquired it), and so does
+        one of a connection whose holder has ended (nobody uses it any more).
         """
         rec = self.lent.get(id(raw))
         if rec is None:
             return ANY_LEASE  # the careful release decides (closed by disconnect, or unknown)
         task = self.current_task()
-        if rec.handed or (rec.task is not task and rec.previous is task):
+        if rec.handed or (rec.task is not task and rec.previous is task and _running(rec.task)):
             raise PoolError(
                 "this connection was released already, and is lent to another caller "
                 "now (released twice?)"

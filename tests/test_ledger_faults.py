@@ -247,6 +247,26 @@ class TestLeases:
         assert (s.idle, s.in_use) == (1, 0), s
         await db.disconnect()
 
+    async def test_the_previous_holder_may_release_it_once_its_holder_ended(self) -> None:
+        # the holder took it and ended without releasing it: nobody uses it, the
+        # release is a clean-up, not a stale one
+        db, _driver = make(1)
+        conn = await db.acquire()
+        got: list[ParkingConnection] = []
+
+        async def waiter() -> None:
+            got.append(await db.acquire())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await wait_all_tasks_blocked()
+            await db.release(conn)  # handed to the waiter
+        assert got == [conn]
+        await db.release(conn)
+        assert db.stats().idle == 1
+        assert_invariant(db)
+        await db.disconnect()
+
     async def test_another_task_may_still_release_it(self) -> None:
         db, _driver = make(1)
         box: list[ParkingConnection] = []
