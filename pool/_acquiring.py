@@ -55,6 +55,11 @@ class Hooks:
     reset: Hook | None = None
 
 
+def _last(timed: Any) -> Any:
+    """The newest of the waiters on the shared timer: O(1)."""
+    return next(reversed(timed))
+
+
 class Acquiring(Generic[C]):
     """The engine's state, and the careful acquire."""
 
@@ -162,8 +167,15 @@ class Acquiring(Generic[C]):
                 await self.wait_disconnected()  # reopen once the disconnect in progress ends
             self.ensure_started()
             loop = self.loop
+        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
+        # pool_timeout bounds the whole acquire, the checks of idle connections included
+        deadline = self.now() + wait
+        arrival = 0
         if ledger.idle:
             epoch = ledger.epoch
+            # Its place in line is taken now: if the connection it checks is
+            # retired meanwhile, it queues ahead of whoever queued since.
+            arrival = ledger.arrive()
             while ledger.idle:
                 rec = ledger.take_for()
                 if rec is None:
@@ -171,11 +183,15 @@ class Acquiring(Generic[C]):
                 if rec.state is LENT:
                     raw: C = rec.raw
                     return raw
-                if await self._check(rec):
+                if await self._check(rec, deadline):
                     raw = rec.raw
                     return raw
                 if ledger.epoch != epoch or ledger.state is not OPEN:
                     raise PoolClosedError("the pool was disconnected while this call waited")
+                if self.now() >= deadline:
+                    # the check ran into the deadline (it was cut short: closed)
+                    ledger.timeouts += 1
+                    raise self._timeout_error(wait)
         # Nothing idle for us: queue.
         max_waiting = self.config.max_waiting
         if max_waiting and len(ledger.waiters) >= max_waiting:
@@ -191,22 +207,28 @@ class Acquiring(Generic[C]):
             raise ledger.breaker.fail_fast_error()
         waiter: Waiter = AsyncioWaiter(self.new_future) if loop is not None else TrioWaiter()
         started = waiter.started = time.monotonic()
-        ledger.enqueue(waiter)
-        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
+        if arrival:
+            ledger.enqueue_at(waiter, arrival)
+        else:
+            ledger.enqueue(waiter)
         timer: asyncio.TimerHandle | None = None
         if loop is not None:
-            deadline = waiter.deadline = self.loop_time() + wait
-            if wait_for is None and wait < math.inf:
+            waiter.deadline = deadline
+            deadlines = ledger.deadlines
+            if (
+                wait_for is None
+                and wait < math.inf
+                and not (arrival and deadlines.timed and _last(deadlines.timed).deadline > deadline)
+            ):
                 # the pool's own timeout: they queue in deadline order, and one
                 # timer on the oldest serves them all (see Deadlines)
-                deadlines = ledger.deadlines
                 deadlines.timed[waiter] = None  # type: ignore[index]  # asyncio's waiter
                 if deadlines.timer is None:
                     deadlines.timer = loop.call_at(deadline, deadlines.expire_due)
             elif wait < math.inf:
+                # its own timer: another timeout, or it queued ahead of younger
+                # waiters (after a check), out of the shared timer's order
                 timer = loop.call_at(deadline, waiter.expire)
-        else:
-            deadline = anyio.current_time() + wait
         task: object = None
         try:
             while True:
@@ -286,7 +308,11 @@ class Acquiring(Generic[C]):
                 ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
         ledger.abandon(waiter)
         ledger.timeouts += 1
-        raise _diagnosis.timeout_error(
+        raise self._timeout_error(wait)
+
+    def _timeout_error(self, wait: float) -> BaseException:
+        ledger = self.ledger
+        return _diagnosis.timeout_error(
             wait,
             limit=ledger.limit,
             in_use=len(ledger.lent),
@@ -296,16 +322,16 @@ class Acquiring(Generic[C]):
             lent=ledger.lent.values(),
         )
 
-    async def _check(self, rec: Conn) -> bool:
+    async def _check(self, rec: Conn, deadline: float = math.inf) -> bool:
         """Check an idle connection before lending it. True: it is now lent to the caller.
 
         A ping if it sat idle a while, then the ``check`` hook if there is one,
-        all within ``connect_timeout``.
+        all within ``connect_timeout`` and the acquire's ``deadline``.
         """
         ledger = self.ledger
         ok = False
         # bounded, and known to the ledger so that disconnect() can cut it short
-        scope = anyio.CancelScope(deadline=self.now() + self.io_timeout)
+        scope = anyio.CancelScope(deadline=min(self.now() + self.io_timeout, deadline))
         ledger.scopes.add(scope)
         try:
             with scope:
@@ -339,6 +365,7 @@ class Acquiring(Generic[C]):
         """
         ledger = self.ledger
         epoch = ledger.begin_open(waiter)
+        drains = ledger.drains  # a drain from now on replaces this connection too
         began = time.monotonic()
         raw: C | None = None
         ready = False  # connected and configured
@@ -398,8 +425,8 @@ class Acquiring(Generic[C]):
         if self.host_of is not None:
             with contextlib.suppress(Exception):
                 host = self.host_of(raw)
-        if not ledger.open_done(raw, epoch, host):
-            self.driver.terminate(raw)  # the pool was disconnected meanwhile
+        if not ledger.open_done(raw, epoch, host, drains):
+            self.driver.terminate(raw)  # the pool was disconnected (or drained) meanwhile
         elif self.record_create is not None:
             self.record_create(connected - connect_started)
 

@@ -60,11 +60,22 @@ class Closing(LedgerState[C]):
         still too many, so each is closed when it comes back: never a held one.
         """
         self.limit = limit
-        surplus = self.size - limit
+        # Those already on their way out (marked, or closing now: an earlier
+        # resize's closes still running) leave the size by themselves.
+        surplus = self.size - limit - self.marked
+        if surplus < 0:
+            # Grown again: a held connection an earlier shrink marked is no
+            # longer surplus. Only lent ones: a busy one may be closing already.
+            for rec in self.lent.values():
+                if surplus >= 0:
+                    break
+                if rec.retire_reason == RESIZE and rec.expires_at == -math.inf:
+                    self._unmark(rec)
+                    surplus += 1
         closing: list[Conn] = []
         while surplus > 0 and self.idle:
             rec = self.idle.popleft()  # the longest idle first
-            rec.retire_reason = RESIZE
+            self._mark(rec, RESIZE)  # counted as leaving until close_done()
             self._busy(rec)
             closing.append(rec)
             surplus -= 1
@@ -79,7 +90,7 @@ class Closing(LedgerState[C]):
         for rec in (*held, *self.busy.values(), *handed_last_first):
             if surplus <= 0:
                 break
-            if not rec.retire_reason:
+            if rec.expires_at != -math.inf:
                 self._mark(rec, RESIZE)
                 surplus -= 1
         self.wake_openers()
@@ -91,12 +102,14 @@ class Closing(LedgerState[C]):
         Waiters keep their place: new connections open for them as the old
         ones close.
         """
+        # A connect in flight began before now: open_done() does not lend it.
+        self.drains += 1
         for rec in (*self.lent.values(), *self.busy.values()):
             self._mark(rec, DRAIN)
         closing = list(self.idle)
         self.idle.clear()
         for rec in closing:
-            rec.retire_reason = DRAIN
+            self._mark(rec, DRAIN)  # counted as leaving until close_done()
             self._busy(rec)
         return closing
 
@@ -126,7 +139,7 @@ class Closing(LedgerState[C]):
         for rec in dead:
             self._retire(rec, BROKEN)
         for rec in expired:
-            rec.retire_reason = self._why_expired(rec, now)
+            self._mark(rec, self._why_expired(rec, now))  # leaving until close_done()
             self._busy(rec)
         return expired
 

@@ -8,10 +8,11 @@ so no two tasks can ever see a connection in two states at once.
 from __future__ import annotations
 
 import random
+import sys
 from types import CodeType
 from typing import Any, Final
 
-__all__ = ["BUSY", "CLOSED", "IDLE", "LENT", "Conn"]
+__all__ = ["ANY_LEASE", "BUSY", "CLOSED", "HANDED", "IDLE", "LENT", "Conn"]
 
 #: in the idle deque, ready to be lent
 IDLE: Final = "idle"
@@ -22,6 +23,13 @@ BUSY: Final = "busy"
 #: closed; never used again
 CLOSED: Final = "closed"
 
+#: the lease of a connection handed to a waiter that has not run yet: newer than
+#: any a holder can have, so no holder's release matches it
+HANDED: Final = sys.maxsize
+#: a release that carries no lease (the pool's own helpers, which hold it by
+#: construction): no connection's lease is newer than it
+ANY_LEASE: Final = sys.maxsize
+
 # up to 5 % shorter lifetimes, so connections opened together do not all
 # expire, and reconnect, at the same moment
 _JITTER: Final = 0.05
@@ -31,9 +39,9 @@ class Conn:
     """One open connection. Users only ever see ``raw``, the driver's own object."""
 
     __slots__ = (
-        "epoch", "expires_at", "fresh_until", "handed", "host", "idle_limit", "idle_since",
-        "leak_reported_for", "lent_at", "raw", "retire_reason", "site_code", "site_offset",
-        "state", "task",
+        "epoch", "expires_at", "fresh_for", "fresh_until", "handed", "host", "idle_limit",
+        "idle_since", "leak_reported_for", "lease", "lent_at", "lifetime_ends", "previous",
+        "raw", "retire_reason", "site_code", "site_offset", "state", "task",
     )
 
     def __init__(
@@ -53,9 +61,22 @@ class Conn:
         self.lent_at = now
         jitter = 1.0 - random.random() * _JITTER
         self.expires_at = now + lifetime * jitter
+        #: its own expiry, kept while a mark (expires_at = -inf) overrides it
+        self.lifetime_ends = self.expires_at
         self.idle_limit = max_idle * jitter
         #: until when it may be lent with no check; set each time it goes idle
         self.fresh_until = now
+        #: how long after going idle it stays fresh: health_check_after, capped by
+        #: its idle limit (an idle-expired connection is never lent unchecked);
+        #: set by the ledger when it first takes the connection in
+        self.fresh_for = 0.0
+        #: the number of its current lending (the ledger's ``acquired`` then): a
+        #: release through an older lease (a stale handle) is refused. HANDED
+        #: while handed to a waiter that has not run yet.
+        self.lease = 0
+        #: who held it during the lending before this one: a second release by
+        #: that task, once someone else holds it, is refused
+        self.previous: object = None
         # the lent_at of the lending already reported as a leak: reporting keys
         # on it, so that a release needs no reset (one store less per release)
         self.leak_reported_for = -1.0

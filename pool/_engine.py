@@ -293,6 +293,11 @@ class Engine(Acquiring[C]):
         never retried here: the caller decides (nothing is applied twice).
         """
         assert self.is_read_only_error is not None and self.host_of is not None
+        if id(raw) not in self.ledger.lent:
+            # Not lent by the pool as it is now (an old holder's connection that
+            # disconnect() closed, the pool since reopened): its error says
+            # nothing about the connections open today.
+            return
         try:
             if self.is_read_only_error(exc):
                 why = "is read-only now (a failover?)"

@@ -16,7 +16,7 @@ C = TypeVar("C")
 class Acquire(Generic[C]):
     """Awaitable (then ``await db.release(conn)``), and an async context manager."""
 
-    __slots__ = ("_conn", "_engine", "_ledger", "_timeout")
+    __slots__ = ("_conn", "_engine", "_lease", "_ledger", "_timeout")
 
     def __init__(self, engine: Engine[C], timeout: float | None) -> None:
         self._engine = engine
@@ -24,6 +24,8 @@ class Acquire(Generic[C]):
         self._ledger = engine.ledger
         self._timeout = timeout
         self._conn: C | None = None
+        #: the lease of this handle's lending: its release frees that lending only
+        self._lease = 0
 
     def __await__(self) -> Any:
         return self._await().__await__()
@@ -41,6 +43,9 @@ class Acquire(Generic[C]):
         if conn is None:
             conn = await self._engine.acquire(self._timeout)
         self._conn = conn
+        # Every lending takes the next number of the ledger's running count, and
+        # nothing was lent since ours (no await in between): that is our lease.
+        self._lease = ledger.acquired
         return conn
 
     async def __aexit__(
@@ -50,8 +55,12 @@ class Acquire(Generic[C]):
         tb: TracebackType | None,
     ) -> None:
         conn: Any = self._conn
-        if exc is None and self._ledger.give_back(conn):
+        ledger = self._ledger
+        if exc is None and ledger.give_back(conn, self._lease):
             return
+        # A stale handle (released already, the connection lent again since)
+        # must not free someone else's lending.
+        ledger.check_lease(conn, self._lease)
         await self._engine.release(conn, exc)
 
 

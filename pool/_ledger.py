@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from ._breaker import server_is_gone
 from ._closing import Closing
-from ._conn import BUSY, IDLE, LENT, Conn
+from ._conn import ANY_LEASE, BUSY, HANDED, IDLE, LENT, Conn
 from ._diagnosis import PACKAGE_FILES, outside_package, stamp_site
 from ._errors import ConnectError, PoolClosedError, PoolError
 from ._shims import running_loop
@@ -43,6 +43,7 @@ from ._state import (
     CLOSED_STATE,
     CLOSING,
     DISCONNECT,
+    DRAIN,
     FAILOVER,
     OPEN,
     RECOVER,
@@ -60,6 +61,15 @@ __all__ = [
 C = TypeVar("C")
 
 logger = logging.getLogger("pool")
+
+
+def _running(task: object) -> bool:
+    """Is this holder task (asyncio's or trio's) still running? Only asked on a suspect release."""
+    done = getattr(task, "done", None)
+    if callable(done):
+        return not done()
+    coro = getattr(task, "coro", None)  # trio: a finished task's coroutine has no frame
+    return coro is None or getattr(coro, "cr_frame", None) is not None
 
 
 class Ledger(Closing[C]):
@@ -91,6 +101,10 @@ class Ledger(Closing[C]):
         idle.pop()
         rec.state = LENT
         rec.lent_at = now
+        # the lease: the lending's number (a stale handle's release is refused),
+        # and the previous holder (its second bare release is refused)
+        rec.lease = acquired = self.acquired + 1
+        rec.previous = rec.task
         rec.task = self.current_task()
         frame = sys._getframe(2)  # the caller of the public entry point: the user
         if frame.f_code.co_filename in PACKAGE_FILES:
@@ -99,19 +113,21 @@ class Ledger(Closing[C]):
         rec.site_offset = frame.f_lasti
         raw: C = rec.raw
         self.lent[id(raw)] = rec
-        self.acquired += 1
+        self.acquired = acquired
         return raw
 
-    def give_back(self, raw: C) -> bool:
+    def give_back(self, raw: C, lease: int = ANY_LEASE) -> bool:
         """The fast release: a clean connection goes back with no round trip.
 
         Returns False, touching nothing, when the careful path must decide
-        (unknown connection, in a transaction, broken, expired, pool closing).
+        (unknown connection, in a transaction, broken, expired, pool closing,
+        or ``lease`` is older than the connection's: a stale handle, which
+        :meth:`check_lease` then refuses).
         """
         lent = self.lent
         key = id(raw)
         rec = lent.get(key)
-        if rec is None or self.state is not OPEN:
+        if rec is None or rec.lease > lease or self.state is not OPEN:
             return False
         now = time.monotonic()
         if now >= rec.expires_at or not self.is_clean(raw):
@@ -127,16 +143,46 @@ class Ledger(Closing[C]):
             self.sleepers.pop(waiter, None)
             rec.lent_at = now
             rec.handed = True
+            rec.lease = HANDED  # no holder's release matches it until accept()
             lent[key] = rec
             waiter.conn = rec
             waiter.wake()
         else:  # _put(), inlined for the common case: nobody waits, it goes idle
             rec.state = IDLE
             rec.idle_since = now
-            fresh = now + self.check_after
+            fresh = now + rec.fresh_for
             rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
             self.idle.append(rec)
         return True
+
+    def check_lease(self, raw: C, lease: int) -> None:
+        """A handle's careful release: refuse it if its lease has ended (a stale handle)."""
+        rec = self.lent.get(id(raw))
+        if rec is not None and rec.lease != lease:
+            raise PoolError(
+                "this connection was released through this handle already, and is lent "
+                "to another caller now (a stale acquire() handle, or a second release)"
+            )
+
+    def lease_of(self, raw: C) -> int:
+        """A bare ``release(conn)``: the connection's lease, or PoolError for a misuse.
+
+        Refused: a connection handed to a waiter (nobody holds it), and a second
+        release by its previous holder once another task, still running, holds
+        it. A release by any other task stays allowed (a connection may be
+        released by a task other than the one that acquired it), and so does
+        one of a connection whose holder has ended (nobody uses it any more).
+        """
+        rec = self.lent.get(id(raw))
+        if rec is None:
+            return ANY_LEASE  # the careful release decides (closed by disconnect, or unknown)
+        task = self.current_task()
+        if rec.handed or (rec.task is not task and rec.previous is task and _running(rec.task)):
+            raise PoolError(
+                "this connection was released already, and is lent to another caller "
+                "now (released twice?)"
+            )
+        return rec.lease
 
     # ------------------------------------------------------------ the slow acquire
 
@@ -184,10 +230,17 @@ class Ledger(Closing[C]):
     def _lend(self, rec: Conn, now: float) -> None:
         rec.state = LENT
         rec.lent_at = now
+        rec.previous = rec.task
         rec.task = self.current_task()
         stamp_site(rec, 2)
         self.lent[id(rec.raw)] = rec
         self.acquired += 1
+        rec.lease = self.acquired
+
+    def arrive(self) -> int:
+        """A slow acquire starts: its place in the arrival order, kept if it queues later."""
+        self.arrivals += 1
+        return self.arrivals
 
     def enqueue(self, waiter: Waiter) -> None:
         waiters = self.waiters
@@ -195,6 +248,24 @@ class Ledger(Closing[C]):
         self.arrivals += 1
         waiter.arrival = self.arrivals
         # may_open()'s first test inlined: a full pool, the common case under load
+        if self.size < self.limit and self.opening < len(waiters) and self.may_open():
+            self.reserve(waiter)
+        else:
+            self.sleepers[waiter] = None
+
+    def enqueue_at(self, waiter: Waiter, arrival: int) -> None:
+        """Queue a caller that arrived (``arrival``, from :meth:`arrive`) before it queues.
+
+        It checked an idle connection meanwhile (which failed its check, or was
+        retired by a drain, a resize, a failover): the younger callers that
+        queued while it checked stay behind it. O(k) for the k of them.
+        """
+        waiters = self.waiters
+        younger = list(itertools.takewhile(lambda w: w.arrival > arrival, reversed(waiters)))
+        waiter.arrival = arrival
+        waiters[waiter] = None
+        for behind in reversed(younger):
+            waiters.move_to_end(behind)
         if self.size < self.limit and self.opening < len(waiters) and self.may_open():
             self.reserve(waiter)
         else:
@@ -231,6 +302,7 @@ class Ledger(Closing[C]):
         self.waited += 1
         self.wait_seconds += now - started
         rec.lent_at = now
+        rec.previous = rec.task
         rec.task = task
         # stamp_site(), inlined: the waiter's own call site. It is at least
         # three frames up (here, the engine's acquire, an entry point, then the
@@ -244,6 +316,7 @@ class Ledger(Closing[C]):
         rec.site_code = frame.f_code
         rec.site_offset = frame.f_lasti
         self.acquired += 1
+        rec.lease = self.acquired
         raw: C = rec.raw
         return raw
 
@@ -310,8 +383,14 @@ class Ledger(Closing[C]):
         epoch, waiter.reserved = waiter.reserved, -1
         return epoch
 
-    def open_done(self, raw: C, epoch: int, host: str = "") -> bool:
-        """A connect succeeded. False: the pool closed meanwhile, and the caller closes it."""
+    def open_done(self, raw: C, epoch: int, host: str = "", drains: int = -1) -> bool:
+        """A connect succeeded. False: the caller closes it (the pool closed meanwhile).
+
+        ``drains``: :attr:`drains` when that connect began. A drain since then
+        means it may carry what the drain replaces (old credentials): it is
+        never lent, and its capacity opens again for the waiters, who keep
+        their places.
+        """
         if epoch != self.epoch or self.state is not OPEN:
             return False
         failures = self.breaker.succeeded()
@@ -319,8 +398,16 @@ class Ledger(Closing[C]):
             logger.info("Reconnected to the database after %d failed attempt(s).", failures)
         self.opening -= 1
         self.opened += 1
+        if 0 <= drains != self.drains:
+            self.closed += 1
+            self.closed_by[DRAIN] += 1
+            self.size -= 1
+            self.wake_openers()
+            return False
         now = time.monotonic()
-        self._put(Conn(raw, now, epoch, self.lifetime, self.max_idle, host), now)
+        rec = Conn(raw, now, epoch, self.lifetime, self.max_idle, host)
+        rec.fresh_for = min(self.check_after, rec.idle_limit)
+        self._put(rec, now)
         # One more open connection: the slow start may let more waiters open.
         self.wake_openers()
         return True
@@ -345,7 +432,9 @@ class Ledger(Closing[C]):
             # Refused: the server is down or restarting. Every connection opened
             # before now died with it: close the idle ones, the lent ones when
             # they come back.
-            for rec in self.lent.values():
+            # Busy ones too: a rollback or a check that ends well on a connection
+            # to a server that is gone must not put it back in service.
+            for rec in (*self.lent.values(), *self.busy.values()):
                 self._mark(rec, BROKEN)
             while self.idle:
                 self._retire(self.idle.pop(), BROKEN)
@@ -360,7 +449,12 @@ class Ledger(Closing[C]):
     def release(self, raw: C, cancelled: bool, broken: bool = False) -> tuple[int, Conn | None]:
         """The careful release decides: back now, tidy (or recover) first, or close."""
         key = id(raw)
-        rec = self.lent.pop(key, None)
+        lent = self.lent
+        rec = lent.get(key)
+        if rec is not None and rec.handed:
+            # handed to a waiter that has not run yet: nobody holds it to release it
+            raise PoolError("this connection was released already (released twice?)")
+        rec = lent.pop(key, None)
         if rec is None:
             if self.orphans.pop(key, None) is not None:
                 return RELEASED, None  # disconnect() closed it while it was held

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
+from ._conn import ANY_LEASE
 from ._driver import DISTRIBUTION
 from ._errors import ConfigError
 
@@ -217,12 +218,12 @@ def _install(engine: Engine[Any]) -> PoolMetrics:
     use = metrics.use
     monotonic = time.monotonic
 
-    def give_back_recorded(raw: Any) -> bool:
+    def give_back_recorded(raw: Any, lease: int = ANY_LEASE) -> bool:
         rec = lent.get(id(raw))
         if rec is None:
             return False
         lent_at = rec.lent_at
-        if give_back(raw):
+        if give_back(raw, lease):
             use(monotonic() - lent_at)
             return True
         return False

@@ -169,8 +169,12 @@ class Pool(Generic[C]):
 
         A clean connection goes back with no round trip. One left in a
         transaction is rolled back; a broken or expired one is closed.
+        Releasing it twice raises :class:`PoolError`, also once another task
+        holds it: a release never frees another holder's lending. A task other
+        than the one that acquired it may release it.
         """
-        if not self._ledger.give_back(conn):
+        ledger = self._ledger
+        if not ledger.give_back(conn, ledger.lease_of(conn)):
             await self._engine.release(conn, None)
 
     async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Any]:

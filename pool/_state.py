@@ -19,7 +19,7 @@ from typing import Any, Final, Generic, TypeVar
 import anyio
 
 from ._breaker import Breaker
-from ._conn import BUSY, CLOSED, IDLE, LENT, Conn
+from ._conn import BUSY, CLOSED, HANDED, IDLE, LENT, Conn
 from ._waiters import Deadlines, Waiter
 
 __all__ = [
@@ -60,7 +60,7 @@ def _no_task() -> None:
     return None
 
 
-def _never(raw: object) -> bool:
+def _never(raw: object, lease: int = 0) -> bool:
     return False
 
 
@@ -133,6 +133,8 @@ class LedgerState(Generic[C]):
         #: lent or busy connections marked to close when next free (a drain, a
         #: resize, a failover): a shrink closes only the surplus they leave
         self.marked = 0
+        #: drains so far: a connect that began before the last one is never lent
+        self.drains = 0
         #: the cancel scopes of in-flight I/O, for disconnect() to cut short
         self.scopes: set[anyio.CancelScope] = set()
         #: set when the last lent connection comes back during disconnect's grace
@@ -166,13 +168,14 @@ class LedgerState(Generic[C]):
             rec.state = LENT
             rec.lent_at = now
             rec.handed = True
+            rec.lease = HANDED  # no holder's release matches it until accept()
             self.lent[id(rec.raw)] = rec
             waiter.conn = rec
             waiter.wake()
         else:
             rec.state = IDLE
             rec.idle_since = now
-            fresh = now + self.check_after
+            fresh = now + rec.fresh_for
             rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
             self.idle.append(rec)
 
@@ -199,11 +202,22 @@ class LedgerState(Generic[C]):
             self.drained.set()
 
     def _mark(self, rec: Conn, reason: str) -> None:
-        """Close ``rec`` when next free, not before (a fast release sees it expired)."""
+        """Close ``rec`` when next free, not before (a fast release sees it expired).
+
+        Also for a connection on its way out now (an idle one a resize, a drain
+        or the upkeep closes): until its close is reported it is still in
+        ``size``, and a resize or a release must count it as leaving.
+        """
         rec.retire_reason = rec.retire_reason or reason
         if rec.expires_at != -math.inf:
             rec.expires_at = -math.inf
             self.marked += 1
+
+    def _unmark(self, rec: Conn) -> None:
+        """Undo a resize's mark: the pool grew again, the connection is no longer surplus."""
+        rec.retire_reason = ""
+        rec.expires_at = rec.lifetime_ends
+        self.marked -= 1
 
     @staticmethod
     def _why_expired(rec: Conn, now: float) -> str:

@@ -27,8 +27,9 @@ After every step, with every task of the loop run until it blocks or ends:
   has exactly one holder, and a holder the pool no longer counts holds a
   connection that ``disconnect()`` closed;
 * the queue is FIFO: a client is never served before an older client still
-  queued (a client's place is when it queued, or when it claimed an idle
-  connection to check it: a client pinging a connection is not queued);
+  queued (a client's place is when it queued, or when it first claimed an idle
+  connection to check it, kept when that check fails and it queues: a client
+  pinging a connection is not queued);
 * nobody waits beside an idle connection, nor with room to open and nobody
   opening (while connects work);
 * nothing leaks: every connection the driver opened and did not see closed is
@@ -305,7 +306,7 @@ class PoolMachine(RuleBasedStateMachine):
     def _watch_the_line(self) -> None:
         """Note each client's place in line, where the ledger takes it."""
         ledger = self.ledger
-        take_for, enqueue = ledger.take_for, ledger.enqueue
+        take_for, enqueue, enqueue_at = ledger.take_for, ledger.enqueue, ledger.enqueue_at
 
         def me() -> Client | None:
             task = asyncio.current_task()
@@ -314,7 +315,9 @@ class PoolMachine(RuleBasedStateMachine):
         def watched_take_for(*args: Any) -> Any:
             rec = take_for(*args)
             c = me()
-            if rec is not None and c is not None:
+            # The first claim is its place: a client whose check failed claims
+            # again, and keeps the place it took when it arrived.
+            if rec is not None and c is not None and c.place is None:
                 c.place = next(self.places)
             return rec
 
@@ -324,8 +327,18 @@ class PoolMachine(RuleBasedStateMachine):
                 c.place, c.waiter = next(self.places), waiter
             enqueue(waiter)
 
+        def watched_enqueue_at(waiter: Any, arrival: int) -> None:
+            # queued after checking: it keeps the place of its first claim
+            c = me()
+            if c is not None:
+                if c.place is None:
+                    c.place = next(self.places)
+                c.waiter = waiter
+            enqueue_at(waiter, arrival)
+
         ledger.take_for = watched_take_for  # type: ignore[method-assign]
         ledger.enqueue = watched_enqueue  # type: ignore[method-assign]
+        ledger.enqueue_at = watched_enqueue_at  # type: ignore[method-assign]
 
     # ------------------------------------------------------------ driving the loop
 
