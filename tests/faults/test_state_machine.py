@@ -1081,6 +1081,9 @@ class TestReplays:
             machine.acquire()
             (ping,) = [op for op in machine.driver.parked if op.kind == "ping"]
             machine.disconnect(first, 0.0, False)  # type: ignore[arg-type]
+            for op in [op for op in machine.driver.parked if op.kind == "before_exit"]:
+                machine.driver.finish(op, None)  # its on_before_exit callback ends
+            machine.step()
             check()
             if ping in machine.driver.parked:
                 machine.driver.finish(ping, None if ping_ok else ConnectionResetError("gone"))
