@@ -13,6 +13,15 @@ close came after the connection was already closed), and which tasks are inside
 an operation on a connection right now, so that two tasks using one connection
 at once is recorded.
 
+Optional driver members the engine looks up with ``getattr`` are opt-in, so that
+the default driver behaves as it always did: ``ParkingDriver(recover=True)``
+adds ``recover`` (a cancelled holder's connection is recovered, not closed),
+``reset_session=True`` adds ``reset_session``, ``failover=True`` adds
+``wants_primary``, ``host_of`` (``conn.host``) and ``is_read_only_error`` (a
+:class:`ReadOnlyError`). :meth:`ParkingDriver.hooks` gives ``configure`` /
+``check`` / ``reset`` hooks that park as ops ``"configure"``, ``"check"`` and
+``"reset_hook"``.
+
 Only anyio primitives are used: it runs on asyncio and on trio.
 """
 
@@ -38,9 +47,18 @@ Op = Literal[
     "fetchval",
     "execute",
     "executemany",
+    "recover",
+    "reset_session",
+    "configure",
+    "check",
+    "reset_hook",
 ]
 
-__all__ = ["Op", "Parked", "ParkingConnection", "ParkingDriver"]
+__all__ = ["Op", "Parked", "ParkingConnection", "ParkingDriver", "ReadOnlyError"]
+
+
+class ReadOnlyError(Exception):
+    """A write refused because the server is read-only (with ``failover=True``)."""
 
 
 class ParkingConnection:
@@ -60,6 +78,8 @@ class ParkingConnection:
         self.late_closes = 0
         self.in_tx = False
         self.queries: list[str] = []
+        #: the server it is on (``host_of`` with ``failover=True``)
+        self.host = "primary"
         #: ids of the tasks inside an operation on this connection right now
         self.users: set[int] = set()
 
@@ -115,7 +135,19 @@ class ParkingDriver:
 
     scheme = "fake"
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, recover: bool = False, reset_session: bool = False, failover: bool = False
+    ) -> None:
+        if recover:
+            self.recover = self._recover
+        if reset_session:
+            self.reset_session = self._reset_session
+        if failover:
+            self.wants_primary = True
+            self.host_of = self._host_of
+            self.is_read_only_error = self._is_read_only_error
+        #: the host new connections go to (``failover=True``)
+        self.primary = "primary"
         self.opened: list[ParkingConnection] = []
         self.connect_attempts = 0
         #: (connection, operation) each time a second task entered an operation
@@ -205,6 +237,7 @@ class ParkingDriver:
         self.connect_attempts += 1
         await self._gate("connect", None)
         conn = ParkingConnection()
+        conn.host = self.primary
         self.opened.append(conn)
         return conn
 
@@ -283,3 +316,34 @@ class ParkingDriver:
 
     async def server_max_connections(self, conn: ParkingConnection) -> int | None:
         return None
+
+    # ------------------------------------------------------------------ opt-in members
+
+    async def _recover(self, conn: ParkingConnection) -> None:
+        self._check_usable(conn)
+        await self._op("recover", conn)
+        conn.in_tx = False
+
+    async def _reset_session(self, conn: ParkingConnection) -> None:
+        self._check_usable(conn)
+        await self._op("reset_session", conn)
+
+    @staticmethod
+    def _host_of(conn: ParkingConnection) -> str:
+        return conn.host
+
+    @staticmethod
+    def _is_read_only_error(exc: BaseException) -> bool:
+        return isinstance(exc, ReadOnlyError)
+
+    def hooks(self) -> dict[str, Any]:
+        """``configure`` / ``check`` / ``reset`` hooks that park like the driver's I/O:
+        ``Pool(..., **driver.hooks())``, or pick the ones wanted."""
+
+        def hook(op: Op) -> Any:
+            async def run(conn: ParkingConnection) -> None:
+                await self._op(op, conn)
+
+            return run
+
+        return {"configure": hook("configure"), "check": hook("check"), "reset": hook("reset_hook")}

@@ -1,9 +1,12 @@
 """A long run of the interleaving model, outside pytest (no output capture to slow it).
 
-    .venv/bin/python -m tests.faults.model_long_run 20000
+    .venv/bin/python -m tests.faults.model_long_run 5000
 
-Runs tests/faults/test_state_machine.py's model for that many examples on the
-virtual clock, with the pool's logging off, and prints how many machines ran.
+Runs tests/faults/test_state_machine.py's model, every rule of it (resize,
+drain, failover, hooks, reset_session, recovery, cancellation through scopes
+and with task.cancel(), stale releases, on_before_exit), for that many
+examples on the virtual clock, with the pool's logging off, and prints how many
+machines ran. Each example draws its own pool configuration.
 """
 
 from __future__ import annotations
@@ -51,4 +54,4 @@ def main(examples: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5_000)
