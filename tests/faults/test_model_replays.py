@@ -201,32 +201,6 @@ class TestDrain:
             machine.teardown()
 
 
-class TestLeases:
-    def test_a_second_release_never_frees_the_next_holders_connection(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        # The misuse "a second db.release(conn) by the old holder": the
-        # connection went to another task, and the stale release freed it.
-        machine, check = replay(monkeypatch)
-        try:
-            machine.acquire("await")
-            machine.release_every_parked_op()
-            machine.acquire()  # a second connection opens for a second client
-            machine.release_every_parked_op()
-            first, second = machine.holding()
-            machine.release(_Pick(second), False)  # type: ignore[arg-type]
-            machine.release(_Pick(first), False)  # type: ignore[arg-type]  # the newest idle
-            machine.acquire()  # takes the connection the await client gave back
-            check()
-            holder = machine.holding()[0]
-            (old,) = machine.released_handles()
-            assert holder.conn is old.conn
-            machine.release_again(_Pick(old))  # type: ignore[arg-type]
-            check()
-        finally:
-            machine.teardown()
-
-
 class _Pick:
     """A stand-in for Hypothesis' ``data``: draws the given value."""
 
