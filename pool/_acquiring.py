@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -31,6 +31,9 @@ from ._ledger import (
 )
 from ._metrics import PoolMetrics
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
+
+if TYPE_CHECKING:
+    from ._hostlimit import HostLimit, Seat
 
 __all__ = ["CLEANUP_TIMEOUT", "Acquiring", "Hook", "Hooks"]
 
@@ -127,6 +130,8 @@ class Acquiring(Generic[C]):
         #: waited in the queue, and a connect took; the fast paths never look
         self.record_wait: Callable[[float], None] | None = None
         self.record_create: Callable[[float], None] | None = None
+        #: host_connection_limit's slots and shares (None: off, and nothing is paid for it)
+        self.host: HostLimit | None = None
 
     def ensure_started(self) -> None:
         """Open on first use (the life cycle's: see :class:`~pool._engine.Engine`)."""
@@ -294,6 +299,7 @@ class Acquiring(Generic[C]):
             opening=ledger.opening,
             waiting=len(ledger.waiters),
             lent=ledger.lent.values(),
+            host_budget=None if self.host is None else self.host.explain(started),
         )
 
     async def _check(self, rec: Conn) -> bool:
@@ -345,6 +351,8 @@ class Acquiring(Generic[C]):
         failure: Exception | None = None
         hook_failed = False
         connect_started = connected = 0.0
+        host = self.host
+        seat: Seat | None = None
         # The waiter has no cancel scope of its own around this: this one holds its deadline.
         scope = anyio.CancelScope(deadline=deadline)
         waiter.opening = scope
@@ -352,9 +360,14 @@ class Acquiring(Generic[C]):
         try:
             with scope:
                 try:
+                    if host is not None:
+                        # a slot of the machine's budget first, within this waiter's deadline
+                        seat = await host.take()
                     with anyio.fail_after(self.connect_timeout):
                         connect_started = time.monotonic()
                         raw = await self.driver.connect()
+                        if seat is not None:
+                            host.attach(seat, raw)  # type: ignore[union-attr]
                         if self.hooks.configure is not None:
                             hook_failed = True
                             await self.hooks.configure(raw)
@@ -370,6 +383,8 @@ class Acquiring(Generic[C]):
             # the caller was cancelled (on trio: or its deadline passed)
             if raw is not None:
                 self.driver.terminate(raw)
+            if seat is not None:
+                host.free(seat)  # type: ignore[union-attr]
             ledger.open_failed(epoch, None)
             raise
         finally:
@@ -378,6 +393,8 @@ class Acquiring(Generic[C]):
         if not ready:
             if raw is not None:
                 self.driver.terminate(raw)  # half set up: never lent
+            if seat is not None:
+                host.free(seat)  # type: ignore[union-attr]
             if failure is None:  # abandoned: served first, pool closing, or its deadline
                 ledger.open_failed(epoch, None)
                 if self.now() >= deadline:
@@ -394,12 +411,14 @@ class Acquiring(Generic[C]):
             ledger.open_failed(epoch, error, began)
             raise error from failure
         assert raw is not None
-        host = ""
+        server = ""
         if self.host_of is not None:
             with contextlib.suppress(Exception):
-                host = self.host_of(raw)
-        if not ledger.open_done(raw, epoch, host):
+                server = self.host_of(raw)
+        if not ledger.open_done(raw, epoch, server, seat):
             self.driver.terminate(raw)  # the pool was disconnected meanwhile
+            if seat is not None:
+                host.free(seat)  # type: ignore[union-attr]
         elif self.record_create is not None:
             self.record_create(connected - connect_started)
 

@@ -159,6 +159,18 @@ class Member:
         with contextlib.suppress(OSError):
             os.close(fd)
 
+    def forget(self) -> None:
+        """In a forked child: close the inherited descriptor, keep the parent's record.
+
+        Closing it leaves the parent's lock held (a flock belongs to the open
+        file description, which the parent still has open); unlinking the file
+        would remove the parent's record.
+        """
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     @property
     def active(self) -> bool:
         return self._fd >= 0

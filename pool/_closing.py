@@ -136,6 +136,8 @@ class Closing(LedgerState[C]):
             return
         del self.busy[id(rec.raw)]
         rec.state = CLOSED
+        if rec.seat is not None:
+            self.free_seat(rec)
         if rec.expires_at == -math.inf and rec.epoch == self.epoch:
             self.marked -= 1
         self.closed += 1
@@ -164,6 +166,8 @@ class Closing(LedgerState[C]):
         for rec in lent:
             rec.state = CLOSED
             self.terminate(rec.raw)
+            if rec.seat is not None:
+                self.free_seat(rec)
             self.orphans[id(rec.raw)] = rec
         self.closed += len(lent)
         # They leave the size too: disconnect() may still wait for in-flight
@@ -176,6 +180,8 @@ class Closing(LedgerState[C]):
         for rec in self.busy.values():
             rec.state = CLOSED
             self.terminate(rec.raw)
+            if rec.seat is not None:
+                self.free_seat(rec)
             self.closed += 1
             self.closed_by[DISCONNECT] += 1
         self.busy.clear()
@@ -204,6 +210,8 @@ class Closing(LedgerState[C]):
             rec = self.idle.pop()
             rec.state = CLOSED
             self.terminate(rec.raw)
+            if rec.seat is not None:
+                self.free_seat(rec)
             self.closed += 1
             self.closed_by[DISCONNECT] += 1
         self.orphan_lent()

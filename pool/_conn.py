@@ -32,8 +32,8 @@ class Conn:
 
     __slots__ = (
         "epoch", "expires_at", "fresh_until", "handed", "host", "idle_limit", "idle_since",
-        "leak_reported_for", "lent_at", "raw", "retire_reason", "site_code", "site_offset",
-        "state", "task",
+        "leak_reported_for", "lent_at", "raw", "retire_reason", "seat", "site_code",
+        "site_offset", "state", "task",
     )
 
     def __init__(
@@ -65,6 +65,8 @@ class Conn:
         # (reading f_lineno costs ~300 ns; the line is worked out for reports only)
         self.site_code: CodeType | None = None
         self.site_offset = 0
+        #: the host budget's slot it holds (host_connection_limit), freed once it is closed
+        self.seat: Any = None
 
     def __repr__(self) -> str:
         return f"<Conn {self.state} epoch={self.epoch} {self.raw!r}>"

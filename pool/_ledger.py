@@ -310,7 +310,7 @@ class Ledger(Closing[C]):
         epoch, waiter.reserved = waiter.reserved, -1
         return epoch
 
-    def open_done(self, raw: C, epoch: int, host: str = "") -> bool:
+    def open_done(self, raw: C, epoch: int, host: str = "", seat: object = None) -> bool:
         """A connect succeeded. False: the pool closed meanwhile, and the caller closes it."""
         if epoch != self.epoch or self.state is not OPEN:
             return False
@@ -320,7 +320,9 @@ class Ledger(Closing[C]):
         self.opening -= 1
         self.opened += 1
         now = time.monotonic()
-        self._put(Conn(raw, now, epoch, self.lifetime, self.max_idle, host), now)
+        rec = Conn(raw, now, epoch, self.lifetime, self.max_idle, host)
+        rec.seat = seat  # host_connection_limit's slot: freed when it is closed
+        self._put(rec, now)
         # One more open connection: the slow start may let more waiters open.
         self.wake_openers()
         return True
