@@ -41,6 +41,7 @@ async def main(mode: str, url: str, limit: int, opts: dict[str, Any]) -> None:
         host_connection_limit=limit,
         connection_limit=opts.get("connection_limit", limit),
         pool_timeout=opts.get("pool_timeout", 10),
+        max_connection_lifetime=opts.get("lifetime"),
     )
     sql = opts.get("sql", "SELECT 1")
     if mode == "work":

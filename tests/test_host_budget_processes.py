@@ -251,6 +251,25 @@ class TestAcrossProcesses:
             assert min(done) >= sum(done) / len(done) / 4, done
 
     @server_param
+    async def test_churn_never_exceeds_the_budget(self, kind: str, spawn: Any) -> None:
+        """Connections closed and reopened all the time (a 30 ms lifetime): a slot is
+        given back only once the server has dropped the session, so the server's count
+        never exceeds the budget even while sessions are being torn down."""
+        async with SERVERS[kind]() as server:
+            workers = [
+                spawn("work", server.url, 4, connection_limit=4, tasks=4, seconds=3,
+                      sql="SELECT 1", lifetime=0.03)
+                for _ in range(4)
+            ]
+            for w in workers:
+                await w.aline()  # ready
+            async with server.sampling() as samples:
+                results = [await w.aline() for w in workers]
+            assert all(r["failed"] == 0 and r["done"] > 0 for r in results), results
+            assert sum(r["closed_by"]["lifetime"] for r in results) > 100  # it churned
+            assert max(samples) <= 4, sorted(samples)[-10:]
+
+    @server_param
     async def test_sigkill_frees_the_share_at_once(
         self, kind: str, spawn: Any, tmp_path: Any
     ) -> None:
