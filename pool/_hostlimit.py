@@ -94,6 +94,9 @@ class HostLimit:
         self.budget: HostBudget | None = None
         self.member: Member | None = None
         self.socket_of: Callable[[Any], int] | None = getattr(engine.driver, "socket_of", None)
+        #: how long the server may still list a session after it closed its socket
+        #: (the driver says: MariaDB unlinks the session after closing it)
+        self.after_eof = float(getattr(engine.driver, "session_linger", 0.0))
         #: slots this pool holds (for connections open, opening, or closing)
         self.held = 0
         #: this pool's openers looking for a slot now
@@ -200,7 +203,7 @@ class HostLimit:
         # driver's own close, which sent its goodbye first).
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
-        if _gone(sock):
+        if not self.after_eof and _gone(sock):
             self._give_back(seat)
             return
         self.pending.append((seat, time.monotonic() + LINGER))
@@ -223,6 +226,7 @@ class HostLimit:
         an event loop; the server answers a FIN at once, so this is short.
         """
         pending = self.pending
+        gone: list[Seat] = []
         while pending:
             seat, until = pending[0]
             sock = seat.sock
@@ -231,7 +235,10 @@ class HostLimit:
                 with contextlib.suppress(OSError, ValueError):
                     select.select([sock], [], [], min(left, 0.05))
                 continue
-            pending.popleft()
+            gone.append(pending.popleft()[0])
+        if gone and self.after_eof:
+            time.sleep(self.after_eof)  # once, for all of them
+        for seat in gone:
             self._give_back(seat)
 
     async def _linger(self, seat: Seat, until: float) -> None:
@@ -241,6 +248,8 @@ class HostLimit:
             with anyio.move_on_after(max(0.0, until - time.monotonic())):
                 while sock is not None and not _gone(sock):
                     await anyio.wait_readable(sock)
+            if self.after_eof:
+                await anyio.sleep(self.after_eof)
             done = True
         finally:
             if done:

@@ -223,6 +223,22 @@ class TestConfig:
         assert info.value.parameter == "host_connection_limit"
         assert info.value.value == value
 
+    def test_shared_and_replicated_members_take_it(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(BUDGET_DIR_ENV, str(tmp_path))
+        one = pool.shared(f"sqlite:///{tmp_path / 's.db'}", host_connection_limit=4)
+        assert one.stats().host_limit == 4
+        assert pool.shared(f"sqlite:///{tmp_path / 's.db'}", host_connection_limit=4) is one
+        replicated = pool.Replicated(
+            "postgresql://app@db1/shop", replicas=["postgresql://app@db2/shop"],
+            host_connection_limit=5,
+        )
+        assert replicated.primary().config.host_connection_limit == 5
+        assert replicated.replica().config.host_connection_limit == 5
+        with pytest.raises(pool.ConfigError, match="host_connection_limit"):
+            pool.Replicated("postgresql://app@db1/shop", host_connection_limit=0)
+
     def test_target_never_holds_the_password(self) -> None:
         target = target_of("postgresql", "postgresql://app:s3cret@db:5432/shop?sslmode=x")
         assert "s3cret" not in target and target == "postgresql://app@db:5432/shop"
@@ -339,3 +355,48 @@ class TestTrioAndFork:
         url = f"sqlite:///{tmp_path / 'fork.db'}"
         forker = spawn("fork", url, 2)
         assert forker.line() == {"in_use": 0}
+
+
+@pytest.mark.anyio
+async def test_metrics_report_the_budget(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from pool import _metrics
+
+    monkeypatch.setenv(BUDGET_DIR_ENV, str(tmp_path / "budgets"))
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    db = pool.Pool(f"sqlite:///{tmp_path / 'm.db'}", host_connection_limit=3,
+                   meter_provider=provider, name="budgeted")
+    plain = pool.Pool(f"sqlite:///{tmp_path / 'p.db'}", meter_provider=provider, name="plain")
+
+    def read() -> dict[str, dict[str, int]]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        found: dict[str, dict[str, int]] = {}
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name.startswith("pool.host_budget."):
+                        found[m.name] = {
+                            str((p.attributes or {})["db.client.connection.pool.name"]): int(
+                                p.value  # type: ignore[union-attr]
+                            )
+                            for p in m.data.data_points
+                        }
+        return found
+
+    try:
+        async with db.acquire():
+            await plain.fetchval("SELECT 1")
+            assert read() == {
+                "pool.host_budget.limit": {"budgeted": 3},
+                "pool.host_budget.in_use": {"budgeted": 1},
+            }
+    finally:
+        await db.disconnect()
+        await plain.disconnect()
+        _metrics.uninstrument(provider)
+        provider.shutdown()
+    assert db.stats().host_in_use == 0
