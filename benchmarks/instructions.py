@@ -10,6 +10,8 @@ counts do not depend on what else the machine runs, unlike seconds.
 Subjects, all on asyncio with no I/O (this pool on the stub driver):
 
 - ``pool``: this engine, ``async with db.acquire()``;
+- ``pool-budget``: the same with ``host_connection_limit`` (a machine-wide
+  budget in a temporary directory): its fast path must cost the same;
 - ``lock``: the raw-connection limit's shape, one ``asyncio.Lock`` per connection;
 - ``minimal``: a direct-handoff FIFO pool with no guarantees (``_minimal.py``).
 
@@ -34,7 +36,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-SUBJECTS = ("pool", "lock", "minimal")
+SUBJECTS = ("pool", "pool-budget", "lock", "minimal")
 MODES = {"contended": (100, 10, 20_000), "fast": (1, 1, 50_000)}  # tasks, connections, cycles
 
 
@@ -44,12 +46,21 @@ async def _child(subject: str, tasks: int, size: int, cycles: int) -> None:
     # One task alone: nothing in between, the fast path and nothing else.
     hold = tasks > 1
     worker: Callable[[int], Coroutine[Any, Any, None]]
-    if subject == "pool":
+    if subject in ("pool", "pool-budget"):
         import pool
 
         from ._stub import StubDriver
 
-        db: pool.Pool[Any] = pool.Pool("stub://bench", driver=StubDriver(), connection_limit=size)
+        budgeted = subject == "pool-budget"
+        if budgeted:
+            import os
+            import tempfile
+
+            os.environ["POOL_HOST_BUDGET_DIR"] = tempfile.mkdtemp(prefix="pool-bench-budget-")
+        db: pool.Pool[Any] = pool.Pool(
+            "stub://bench", driver=StubDriver(), connection_limit=size,
+            host_connection_limit=size if budgeted else None,
+        )
         held = [await db.acquire() for _ in range(size)]  # open them all first
         for conn in held:
             await db.release(conn)
@@ -120,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_cycle: dict[str, dict[str, int]] = {}
     for mode, (_, _, cycles) in MODES.items():
         for subject in SUBJECTS:
-            if mode == "fast" and subject != "pool":
+            if mode == "fast" and not subject.startswith("pool"):
                 continue
             cost = (_count(subject, mode, cycles) - _count(subject, mode, 0)) // cycles
             per_cycle.setdefault(mode, {})[subject] = cost

@@ -391,6 +391,15 @@ class PostgresDriver:
         with contextlib.suppress(Exception):  # the contract: terminate never raises
             conn.terminate()
 
+    def socket_of(self, conn: Connection) -> int:
+        """The connection's socket descriptor (-1: unknown), for host_connection_limit.
+
+        The pool watches a duplicate of it to see the server end the session
+        (a backend leaves pg_stat_activity before it closes its socket).
+        """
+        sock = conn._transport.get_extra_info("socket")  # asyncpg keeps its transport
+        return -1 if sock is None else int(sock.fileno())
+
     def is_alive(self, conn: Connection) -> bool:
         return not conn.is_closed()
 

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -31,6 +31,9 @@ from ._ledger import (
 )
 from ._metrics import PoolMetrics
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
+
+if TYPE_CHECKING:
+    from ._hostlimit import HostLimit, Seat
 
 __all__ = ["CLEANUP_TIMEOUT", "Acquiring", "Hook", "Hooks"]
 
@@ -132,6 +135,8 @@ class Acquiring(Generic[C]):
         #: waited in the queue, and a connect took; the fast paths never look
         self.record_wait: Callable[[float], None] | None = None
         self.record_create: Callable[[float], None] | None = None
+        #: host_connection_limit's slots and shares (None: off, and nothing is paid for it)
+        self.host: HostLimit | None = None
 
     def ensure_started(self) -> None:
         """Open on first use (the life cycle's: see :class:`~pool._engine.Engine`)."""
@@ -191,7 +196,7 @@ class Acquiring(Generic[C]):
                 if self.now() >= deadline:
                     # the check ran into the deadline (it was cut short: closed)
                     ledger.timeouts += 1
-                    raise self._timeout_error(wait)
+                    raise self._timeout_error(wait, time.monotonic())
         # Nothing idle for us: queue.
         max_waiting = self.config.max_waiting
         if max_waiting and len(ledger.waiters) >= max_waiting:
@@ -308,9 +313,10 @@ class Acquiring(Generic[C]):
                 ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
         ledger.abandon(waiter)
         ledger.timeouts += 1
-        raise self._timeout_error(wait)
+        raise self._timeout_error(wait, started)
 
-    def _timeout_error(self, wait: float) -> BaseException:
+    def _timeout_error(self, wait: float, started: float) -> BaseException:
+        """P2024 for a wait that began at ``started`` (monotonic)."""
         ledger = self.ledger
         return _diagnosis.timeout_error(
             wait,
@@ -320,6 +326,7 @@ class Acquiring(Generic[C]):
             opening=ledger.opening,
             waiting=len(ledger.waiters),
             lent=ledger.lent.values(),
+            host_budget=None if self.host is None else self.host.explain(started),
         )
 
     async def _check(self, rec: Conn, deadline: float = math.inf) -> bool:
@@ -372,6 +379,8 @@ class Acquiring(Generic[C]):
         failure: Exception | None = None
         hook_failed = False
         connect_started = connected = 0.0
+        host = self.host
+        seat: Seat | None = None
         # The waiter has no cancel scope of its own around this: this one holds its deadline.
         scope = anyio.CancelScope(deadline=deadline)
         waiter.opening = scope
@@ -379,9 +388,14 @@ class Acquiring(Generic[C]):
         try:
             with scope:
                 try:
+                    if host is not None:
+                        # a slot of the machine's budget first, within this waiter's deadline
+                        seat = await host.take()
                     with anyio.fail_after(self.connect_timeout):
                         connect_started = time.monotonic()
                         raw = await self.driver.connect()
+                        if seat is not None:
+                            host.attach(seat, raw)  # type: ignore[union-attr]
                         if self.hooks.configure is not None:
                             hook_failed = True
                             await self.hooks.configure(raw)
@@ -397,6 +411,8 @@ class Acquiring(Generic[C]):
             # the caller was cancelled (on trio: or its deadline passed)
             if raw is not None:
                 self.driver.terminate(raw)
+            if seat is not None:
+                host.free(seat)  # type: ignore[union-attr]
             ledger.open_failed(epoch, None)
             raise
         finally:
@@ -405,6 +421,8 @@ class Acquiring(Generic[C]):
         if not ready:
             if raw is not None:
                 self.driver.terminate(raw)  # half set up: never lent
+            if seat is not None:
+                host.free(seat)  # type: ignore[union-attr]
             if failure is None:  # abandoned: served first, pool closing, or its deadline
                 ledger.open_failed(epoch, None)
                 if self.now() >= deadline:
@@ -421,12 +439,14 @@ class Acquiring(Generic[C]):
             ledger.open_failed(epoch, error, began)
             raise error from failure
         assert raw is not None
-        host = ""
+        server = ""
         if self.host_of is not None:
             with contextlib.suppress(Exception):
-                host = self.host_of(raw)
-        if not ledger.open_done(raw, epoch, host, drains):
+                server = self.host_of(raw)
+        if not ledger.open_done(raw, epoch, server, drains, seat):
             self.driver.terminate(raw)  # the pool was disconnected (or drained) meanwhile
+            if seat is not None:
+                host.free(seat)  # type: ignore[union-attr]
         elif self.record_create is not None:
             self.record_create(connected - connect_started)
 

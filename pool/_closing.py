@@ -149,6 +149,8 @@ class Closing(LedgerState[C]):
             return
         del self.busy[id(rec.raw)]
         rec.state = CLOSED
+        if rec.seat is not None:
+            self.free_seat(rec)
         if rec.expires_at == -math.inf and rec.epoch == self.epoch:
             self.marked -= 1
         self.closed += 1
@@ -177,6 +179,8 @@ class Closing(LedgerState[C]):
         for rec in lent:
             rec.state = CLOSED
             self.terminate(rec.raw)
+            if rec.seat is not None:
+                self.free_seat(rec)
             self.orphans[id(rec.raw)] = rec
         self.closed += len(lent)
         # They leave the size too: disconnect() may still wait for in-flight
@@ -189,6 +193,8 @@ class Closing(LedgerState[C]):
         for rec in self.busy.values():
             rec.state = CLOSED
             self.terminate(rec.raw)
+            if rec.seat is not None:
+                self.free_seat(rec)
             self.closed += 1
             self.closed_by[DISCONNECT] += 1
         self.busy.clear()
@@ -217,6 +223,8 @@ class Closing(LedgerState[C]):
             rec = self.idle.pop()
             rec.state = CLOSED
             self.terminate(rec.raw)
+            if rec.seat is not None:
+                self.free_seat(rec)
             self.closed += 1
             self.closed_by[DISCONNECT] += 1
         self.orphan_lent()

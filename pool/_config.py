@@ -68,6 +68,9 @@ class PoolConfig:
     reset_session: bool = False
     #: how long each ``on_before_exit`` callback may run (None = no bound)
     before_exit_timeout: float | None = 5.0
+    #: open connections shared by every pool on this machine, in any process, to
+    #: the same target with the same value (None = off; see ``pool._budget``)
+    host_connection_limit: int | None = None
 
 
 #: query parameters whose values are secrets (libpq's ?password=, ?sslpassword=)
@@ -190,6 +193,16 @@ def _whole(minimum: int, maximum: int) -> Callable[[str, object], int]:
     return parse_whole
 
 
+def _parse_host_limit(name: str, raw: object) -> int:
+    """A whole number >= 1, or ``auto``: Prisma's default for the whole machine."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return default_connection_limit()
+    try:
+        return _whole(1, MAX_CONNECTION_LIMIT)(name, raw)
+    except ConfigError:
+        raise ConfigError(name, raw, "must be a whole number >= 1, or auto") from None
+
+
 def _parse_bool(name: str, raw: object) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -212,6 +225,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "leak_detection_threshold": _seconds(none_when_zero=True),
     "reset_session": _parse_bool,
     "before_exit_timeout": _seconds(none_when_zero=True),
+    "host_connection_limit": _parse_host_limit,
 }
 
 _DEFAULTS: dict[str, object] = {
@@ -231,6 +245,8 @@ _DEFAULTS: dict[str, object] = {
     "reset_session": False,
     # a before-exit callback that hangs must not hang disconnect()
     "before_exit_timeout": 5.0,
+    # off: a pool without it does exactly what it did before it existed
+    "host_connection_limit": None,
 }
 
 POOL_PARAMETERS = frozenset(_PARSERS)

@@ -41,7 +41,7 @@ class Conn:
     __slots__ = (
         "epoch", "expires_at", "fresh_for", "fresh_until", "handed", "host", "idle_limit",
         "idle_since", "leak_reported_for", "lease", "lent_at", "lifetime_ends", "previous",
-        "raw", "retire_reason", "site_code", "site_offset", "state", "task",
+        "raw", "retire_reason", "seat", "site_code", "site_offset", "state", "task",
     )
 
     def __init__(
@@ -86,6 +86,8 @@ class Conn:
         # (reading f_lineno costs ~300 ns; the line is worked out for reports only)
         self.site_code: CodeType | None = None
         self.site_offset = 0
+        #: the host budget's slot it holds (host_connection_limit), freed once it is closed
+        self.seat: Any = None
 
     def __repr__(self) -> str:
         return f"<Conn {self.state} epoch={self.epoch} {self.raw!r}>"

@@ -181,7 +181,7 @@ def holders(lent: Iterable[Conn], top: int = 3, waiting: object = None) -> tuple
 
 def timeout_error(
     waited: float, *, limit: int, in_use: int, idle: int, opening: int, waiting: int,
-    lent: Iterable[Conn], task: object = None,
+    lent: Iterable[Conn], task: object = None, host_budget: str | None = None,
 ) -> PoolTimeoutError:
     """P2024, with the pool's state, the longest holders, and a self-deadlock named.
 
@@ -210,6 +210,8 @@ def timeout_error(
         )
     if top:
         message += " Longest holders: " + "; ".join(str(h) for h in top) + "."
+    if host_budget:
+        message += " " + host_budget
     return PoolTimeoutError(
         message, timeout=waited, limit=limit, in_use=in_use, idle=idle, opening=opening,
         waiting=waiting, holders=top,

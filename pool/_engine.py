@@ -24,6 +24,7 @@ from ._config import PoolConfig
 from ._conn import BUSY, Conn
 from ._driver import Driver, check_runs_on
 from ._errors import PoolClosedError, PoolError
+from ._hostlimit import HostLimit
 from ._ledger import (
     BROKEN,
     CLOSE,
@@ -60,6 +61,11 @@ class Engine(Acquiring[C]):
         #: the id of the task that runs it (its on_before_exit callbacks may disconnect too)
         self.disconnect_runner: int | None = None
 
+    def use_host_budget(self, target: str, limit: int) -> None:
+        """Share ``limit`` open connections to ``target`` with every pool on this machine."""
+        self.host = HostLimit(self, target, limit)
+        self.ledger.free_seat = self.host.closed
+
     # ------------------------------------------------------------ life cycle
 
     def start(self, library: str) -> None:
@@ -80,6 +86,8 @@ class Engine(Acquiring[C]):
         ledger.deadlines.loop = self.loop
         ledger.state = OPEN
         self.server_checked = False
+        if self.host is not None:
+            self.host.join()
         self.upkeep.start(library)
         logger.info(
             "Starting a %s pool with %d connections.", self.driver.scheme, ledger.limit
@@ -181,6 +189,8 @@ class Engine(Acquiring[C]):
                     await self.upkeep.stopped()
         finally:
             ledger.finish_closing()
+            if self.host is not None:
+                self.host.leave()  # every slot back once its session is gone
             self.upkeep.forget()
 
     def forget_after_fork(self) -> None:
@@ -228,6 +238,8 @@ class Engine(Acquiring[C]):
         self.ledger.drop_everything(
             PoolClosedError("the event loop this call waited on has ended")
         )
+        if self.host is not None:
+            self.host.leave()
         self.upkeep.forget()
         self.on_close()
         logger.info(

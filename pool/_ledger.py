@@ -383,7 +383,9 @@ class Ledger(Closing[C]):
         epoch, waiter.reserved = waiter.reserved, -1
         return epoch
 
-    def open_done(self, raw: C, epoch: int, host: str = "", drains: int = -1) -> bool:
+    def open_done(
+        self, raw: C, epoch: int, host: str = "", drains: int = -1, seat: object = None
+    ) -> bool:
         """A connect succeeded. False: the caller closes it (the pool closed meanwhile).
 
         ``drains``: :attr:`drains` when that connect began. A drain since then
@@ -407,6 +409,7 @@ class Ledger(Closing[C]):
         now = time.monotonic()
         rec = Conn(raw, now, epoch, self.lifetime, self.max_idle, host)
         rec.fresh_for = min(self.check_after, rec.idle_limit)
+        rec.seat = seat  # host_connection_limit's slot: freed when it is closed
         self._put(rec, now)
         # One more open connection: the slow start may let more waiters open.
         self.wake_openers()

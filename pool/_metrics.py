@@ -25,7 +25,12 @@ each with the attribute ``db.client.connection.pool.name``:
 ``db.client.connection.create_time``        Histogram            ``s``
 ``db.client.connection.wait_time``          Histogram            ``s``
 ``db.client.connection.use_time``           Histogram            ``s``
+``pool.host_budget.limit`` (2)              UpDownCounter (obs.) ``{connection}``
+``pool.host_budget.in_use`` (2)             UpDownCounter (obs.) ``{connection}``
 ========================================== ==================== ===============
+
+(2) only for a pool with ``host_connection_limit``: the machine-wide budget,
+and its slots held now by every process (not in the conventions: our own).
 
 (1) with ``db.client.connection.state`` = ``idle`` (idle in the pool) or ``used``
 (lent out, or in the pool's own I/O: a check, a rollback, a close).
@@ -140,6 +145,23 @@ class _Instruments:
             unit="{timeout}",
             description="The number of connection timeouts that have occurred trying to "
             "obtain a connection from the pool",
+        )
+        def host(read: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterator[Any]]:
+            def callback(options: CallbackOptions) -> Iterator[Any]:
+                for engine in list(self.pools):
+                    if engine.host is not None:
+                        yield Observation(read(engine.host), engine.metrics.attributes)  # type: ignore[union-attr]
+
+            return callback
+
+        meter.create_observable_up_down_counter(
+            "pool.host_budget.limit", [host(lambda budget: budget.limit)], unit=connection,
+            description="host_connection_limit: the open connections every pool on this "
+            "machine to the same target shares",
+        )
+        meter.create_observable_up_down_counter(
+            "pool.host_budget.in_use", [host(lambda budget: budget.in_use())], unit=connection,
+            description="The host budget's slots held now, by every process on this machine",
         )
         self.create_time = _histogram(
             meter, "db.client.connection.create_time",

@@ -108,6 +108,8 @@ class Pool(Generic[C]):
         self._before_exit: list[Callable[[], Awaitable[object]]] = []
         self._entered = 0
         self._target = _registry.target_of(cfg.scheme, parsed.driver_url)
+        if cfg.host_connection_limit is not None:
+            self._engine.use_host_budget(self._target, cfg.host_connection_limit)
         self._engine.on_open = self._opened
         self._engine.on_close = self._closed
         if name is not None and not isinstance(name, str):
@@ -129,6 +131,7 @@ class Pool(Generic[C]):
     def stats(self) -> PoolStats:
         """A frozen snapshot of the pool's state and running totals."""
         ledger = self._ledger
+        host = self._engine.host
         return PoolStats(
             size=ledger.size,
             idle=len(ledger.idle),
@@ -148,6 +151,8 @@ class Pool(Generic[C]):
             longest_wait=(
                 time.monotonic() - next(iter(ledger.waiters)).started if ledger.waiters else 0.0
             ),
+            host_limit=None if host is None else host.limit,
+            host_in_use=None if host is None else host.in_use(),
         )
 
     def acquire(self, *, timeout: float | None = None) -> Acquire[C]:
@@ -348,7 +353,13 @@ class Pool(Generic[C]):
         which the child shares with its parent, and the parent's next query
         would then wait forever for a reply it is never told about.
         """
-        _INHERITED.extend(self._ledger.forget_after_fork())
+        ledger = self._ledger
+        if self._engine.host is not None:
+            # the inherited slots stay the parent's: our copies close, unlocking nothing
+            self._engine.host.forget_after_fork(
+                [*ledger.idle, *ledger.lent.values(), *ledger.busy.values()]
+            )
+        _INHERITED.extend(ledger.forget_after_fork())
         # the parent's disconnect in progress, if any, is not the child's to wait for
         self._engine.forget_after_fork()
 

@@ -24,8 +24,8 @@ from ._waiters import Deadlines, Waiter
 
 __all__ = [
     "BROKEN", "CHECK_FAILED", "CLOSE", "CLOSED_STATE", "CLOSE_REASONS", "CLOSING", "DISCONNECT",
-    "DRAIN", "FAILOVER", "IDLE_EXPIRY", "LIFETIME", "OPEN", "RECOVER", "RELEASED", "RESET_FAILED",
-    "RESIZE", "TIDY", "LedgerState",
+    "DRAIN", "FAILOVER", "HOST_BUDGET", "IDLE_EXPIRY", "LIFETIME", "OPEN", "RECOVER", "RELEASED",
+    "RESET_FAILED", "RESIZE", "TIDY", "LedgerState",
 ]
 
 C = TypeVar("C")
@@ -40,8 +40,11 @@ DRAIN: Final = "drain"
 RESIZE: Final = "resize"
 FAILOVER: Final = "failover"
 DISCONNECT: Final = "disconnect"
+#: given back to the machine's host_connection_limit, for a pool that starves
+HOST_BUDGET: Final = "host_budget"
 CLOSE_REASONS: Final = (
     IDLE_EXPIRY, LIFETIME, BROKEN, CHECK_FAILED, RESET_FAILED, DRAIN, RESIZE, FAILOVER, DISCONNECT,
+    HOST_BUDGET,
 )
 
 OPEN: Final = "open"
@@ -65,6 +68,10 @@ def _never(raw: object, lease: int = 0) -> bool:
 
 
 def _none() -> None:
+    return None
+
+
+def _no_seat(rec: Conn) -> None:
     return None
 
 
@@ -150,6 +157,9 @@ class LedgerState(Generic[C]):
         #: closed connections by why: what an operator tunes lifetimes by
         self.closed_by: Counter[str] = Counter()
         self.connect_failures = 0
+        #: a closed connection's host budget slot goes back (set when
+        #: host_connection_limit is on; called only for a record with a seat)
+        self.free_seat: Callable[[Conn], None] = _no_seat
 
     # ------------------------------------------------------------ shared steps
 
@@ -187,6 +197,8 @@ class LedgerState(Generic[C]):
         """Close a connection that must not be lent again, at once. O(1)."""
         rec.state = CLOSED
         self.terminate(rec.raw)
+        if rec.seat is not None:
+            self.free_seat(rec)
         if rec.epoch != self.epoch:
             return
         if rec.expires_at == -math.inf:

@@ -51,6 +51,10 @@ class PoolStats:
     connect_failures: int
     #: how long the oldest caller still waiting has waited, in seconds (0 when none)
     longest_wait: float
+    #: ``host_connection_limit``, the machine-wide budget (None when off)
+    host_limit: int | None = None
+    #: that budget's slots held now, by every process on this machine (None when off)
+    host_in_use: int | None = None
 
 
 PoolStats.__module__ = "pool"

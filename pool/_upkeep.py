@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from . import _diagnosis
+from . import _diagnosis, _hostlimit
 from ._conn import BUSY, Conn
 from ._state import BROKEN, OPEN
 
@@ -149,11 +149,15 @@ async def _run(ref: weakref.ref[Upkeep]) -> None:
     scope, done = upkeep._scope, upkeep._done
     assert scope is not None and done is not None
     tick = upkeep._tick()
-    del upkeep  # from here on, only ``ref``: see the module docstring
+    host = upkeep._engine.host  # host_connection_limit's part, held as weakly
+    host_ref = weakref.ref(host) if host is not None else None
+    del upkeep, host  # from here on, only ``ref``: see the module docstring
     try:
         with scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_finish_all, ref, tg)
+                if host_ref is not None:
+                    tg.start_soon(_hostlimit.run, host_ref, tg)
                 while True:
                     await anyio.sleep(tick)
                     upkeep = ref()

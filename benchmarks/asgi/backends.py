@@ -101,6 +101,21 @@ class Ours(Backend):
         return out
 
 
+class OursLazy(Ours):
+    """This pool as a service builds it: nothing opened at start (Prisma's lazy connect).
+
+    For benchmarks.host_budget: workers that each open their limit at start would
+    wait on one another for the host budget's slots before serving anything.
+    Not one of the compared subjects (not in BACKENDS).
+    """
+
+    name = "pool[lazy]"
+    note = "pool[lazy]: pool.Pool(url, connection_limit=N), nothing opened before a request."
+
+    async def open(self) -> None:
+        self.db = pool.Pool(self.url, connection_limit=self.size, **self.extra)
+
+
 class OursReset(Ours):
     name = "pool[reset]"
     style: ClassVar[Style] = "default"
@@ -293,7 +308,7 @@ BACKENDS: dict[str, type[Backend]] = {
 
 def backend_for(name: str, url: str, size: int) -> Backend:
     try:
-        cls = BACKENDS[name]
+        cls = BACKENDS[name] if name != OursLazy.name else OursLazy
     except KeyError:
         raise ValueError(f"unknown subject {name!r}; one of {', '.join(BACKENDS)}") from None
     return cls(url, size)

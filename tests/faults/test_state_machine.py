@@ -12,8 +12,9 @@ wants the primary, so that a read-only error is a failover). Meanwhile the
 other rules go on: clients acquire (``async with acquire()``, ``await
 acquire()`` then ``release()``, or ``transaction()``; waiting forever, or with
 a tiny timeout), hold, query, raise in their block, release (clean, or inside a
-transaction, so that the pool rolls back); ``resize(n)`` up and down and ``drain()`` run as tasks of their
-own, overlapping anything; a query fails read-only (a failover: its server's
+transaction, so that the pool rolls back); ``resize(n)`` up and down and
+``drain()`` run as tasks of their own, overlapping anything; a query fails
+read-only (a failover: its server's
 connections are retired); any task (a client, a ``disconnect()``, a resize, a
 drain, an upkeep round) is cancelled, either through its anyio scope or the
 asyncio way (``task.cancel()``, which no anyio shield stops), wherever it is:
