@@ -167,12 +167,19 @@ class Acquiring(Generic[C]):
         """
         ledger = self.ledger
         loop = self.loop
+        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
         if ledger.state is not OPEN or (loop is not None and loop is not _shims.running_loop()):
             if ledger.state is CLOSING:
-                await self.wait_disconnected()  # reopen once the disconnect in progress ends
+                # Reopen once the disconnect in progress ends; pool_timeout bounds
+                # this wait too, as it bounds the rest of the acquire.
+                started = time.monotonic()
+                with anyio.move_on_after(None if wait == math.inf else wait):
+                    await self.wait_disconnected()
+                if ledger.state is CLOSING:
+                    ledger.timeouts += 1
+                    raise self._timeout_error(wait, started)
             self.ensure_started()
             loop = self.loop
-        wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
         # pool_timeout bounds the whole acquire, the checks of idle connections included
         deadline = self.now() + wait
         arrival = 0

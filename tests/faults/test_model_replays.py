@@ -165,6 +165,26 @@ class TestDisconnect:
         finally:
             machine.teardown()
 
+    def test_an_acquire_during_a_disconnect_keeps_its_timeout(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Found by the grown model once disconnect() became the pool's own task:
+        # an acquire that arrives while a disconnect waits out its grace waited
+        # for that disconnect with no bound, past its own tiny timeout.
+        machine, check = replay(monkeypatch)
+        try:
+            machine.acquire()
+            machine.release_every_parked_op()
+            machine.disconnect(FIRST, 0.1, False)  # type: ignore[arg-type]
+            machine.release_every_parked_op()
+            check()
+            machine.acquire_with_a_tiny_timeout()
+            check()
+            machine.let_time_pass(0.002)
+            check()
+        finally:
+            machine.teardown()
+
     def test_overlapping_disconnects_run_on_before_exit_once(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
