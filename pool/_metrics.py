@@ -148,7 +148,7 @@ class _Instruments:
         )
         def host(read: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterator[Any]]:
             def callback(options: CallbackOptions) -> Iterator[Any]:
-                for engine in list(self.pools):
+                for engine in self.snapshot():  # under the lock, as every callback
                     if engine.host is not None:
                         yield Observation(read(engine.host), engine.metrics.attributes)  # type: ignore[union-attr]
 
