@@ -19,7 +19,7 @@ from urllib.parse import SplitResult, unquote
 
 import anyio
 
-from . import InvalidParameter, PasswordProvider
+from . import InvalidParameter, PasswordProvider, resolve_password
 from ._url import (
     HIDDEN,
     check_known,
@@ -72,6 +72,48 @@ class MySQLBase:
     #: set by the pool for ``Pool(..., password=callable)``: asked at each connect
     password_provider: PasswordProvider | None = None
     _socket_timeout: float | None = None
+    #: the library's connection class, and its subclass that refuses a server
+    #: without TLS (``sslmode=require``); set by each driver
+    _plain_connection: Any = None
+    _tls_connection: Any = None
+
+    def __init__(
+        self,
+        *,
+        display_url: str,
+        connect_kwargs: dict[str, Any],
+        tls: bool,
+        connect_timeout: float | None,
+        socket_timeout: float | None,
+    ) -> None:
+        self._display_url = display_url
+        self._connect_kwargs = connect_kwargs
+        self._connection_class: Any = self._tls_connection if tls else self._plain_connection
+        self._connect_timeout = connect_timeout
+        self._socket_timeout = socket_timeout
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._display_url}>"
+
+    async def _handshake(self, conn: Any) -> None:
+        """Connect an already built connection object (the library's own call)."""
+        raise NotImplementedError
+
+    async def connect(self) -> Any:
+        # The Connection is built here and then connected, so that we hold it
+        # if we are cancelled mid-handshake and can close its socket (neither
+        # library cleans up after a cancellation).
+        kwargs = self._connect_kwargs
+        if self.password_provider is not None:  # asked at each connect, kept by nobody
+            kwargs = {**kwargs, "password": await resolve_password(self.password_provider)}
+        conn = self._connection_class(**kwargs)
+        try:
+            with anyio.fail_after(self._connect_timeout):
+                await self._handshake(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     async def close(self, conn: Connection) -> None:
         try:

@@ -35,13 +35,11 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 import asyncmy
 from asyncmy import errors
 from asyncmy.charset import charset_by_name
 from asyncmy.constants import CLIENT, CR
 
-from . import resolve_password
 from ._my import MySQLBase, read_url
 from ._url import check_connect_args, redact
 
@@ -88,38 +86,11 @@ class TLSOnlyConnection(asyncmy.Connection):
 class AsyncmyDriver(MySQLBase):
     """The adapter. Its connection type is asyncmy's own ``Connection``."""
 
-    def __init__(
-        self,
-        *,
-        display_url: str,
-        connect_kwargs: dict[str, Any],
-        tls: bool,
-        connect_timeout: float | None,
-        socket_timeout: float | None,
-    ) -> None:
-        self._display_url = display_url
-        self._connect_kwargs = connect_kwargs
-        self._connection_class: Any = TLSOnlyConnection if tls else asyncmy.Connection
-        self._connect_timeout = connect_timeout
-        self._socket_timeout = socket_timeout
+    _plain_connection = asyncmy.Connection
+    _tls_connection = TLSOnlyConnection
 
-    def __repr__(self) -> str:
-        return f"<AsyncmyDriver {self._display_url}>"
-
-    async def connect(self) -> Connection:
-        # The Connection is built here and then connected, so that we hold it
-        # if we are cancelled mid-handshake and can close its socket.
-        kwargs = self._connect_kwargs
-        if self.password_provider is not None:  # asked at each connect, kept by nobody
-            kwargs = {**kwargs, "password": await resolve_password(self.password_provider)}
-        conn = self._connection_class(**kwargs)
-        try:
-            with anyio.fail_after(self._connect_timeout):
-                await conn.connect()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    async def _handshake(self, conn: Connection) -> None:
+        await conn.connect()
 
     def is_alive(self, conn: Connection) -> bool:
         # _stream_broken: asyncmy's protocol has seen EOF or an error, or the

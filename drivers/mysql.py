@@ -79,13 +79,11 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import aiomysql
-import anyio
 import pymysql.err
 from pymysql.charset import charset_by_name
 from pymysql.constants import CLIENT, CR
 from pymysql.err import OperationalError
 
-from . import resolve_password
 from ._my import (  # re-exported: the names this module always had
     MAX_APPLICATION_NAME_BYTES,
     PARAMETERS,
@@ -149,41 +147,14 @@ class MySQLDriver(MySQLBase):
     (With ``sslmode=require``, :class:`TLSOnlyConnection`, a subclass of it.)
     """
 
-    def __init__(
-        self,
-        *,
-        display_url: str,
-        connect_kwargs: dict[str, Any],
-        tls: bool,
-        connect_timeout: float | None,
-        socket_timeout: float | None,
-    ) -> None:
-        self._display_url = display_url
-        self._connect_kwargs = connect_kwargs
-        self._connection_class: Any = TLSOnlyConnection if tls else aiomysql.Connection
-        self._connect_timeout = connect_timeout
-        self._socket_timeout = socket_timeout
+    _plain_connection = aiomysql.Connection
+    _tls_connection = TLSOnlyConnection
 
-    def __repr__(self) -> str:
-        return f"<MySQLDriver {self._display_url}>"
-
-    async def connect(self) -> Connection:
-        # The Connection is built here and connected with _connect() (what
-        # aiomysql.connect() does inside) so that we hold it if we are
-        # cancelled mid-handshake: aiomysql cleans up after errors but not
-        # after cancellation, and would leave the socket to the garbage
-        # collector and an "Unclosed connection" ResourceWarning.
-        kwargs = self._connect_kwargs
-        if self.password_provider is not None:  # asked at each connect, kept by nobody
-            kwargs = {**kwargs, "password": await resolve_password(self.password_provider)}
-        conn = self._connection_class(**kwargs)
-        try:
-            with anyio.fail_after(self._connect_timeout):
-                await conn._connect()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    async def _handshake(self, conn: Connection) -> None:
+        # what aiomysql.connect() does inside: aiomysql cleans up after errors
+        # but not after cancellation, and would leave the socket to the garbage
+        # collector and an "Unclosed connection" ResourceWarning
+        await conn._connect()
 
     #: MariaDB closes a session's socket first and drops it from its process
     #: list after (up to 6 ms later, measured here): a host budget slot waits
