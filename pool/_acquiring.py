@@ -168,6 +168,7 @@ class Acquiring(Generic[C]):
         ledger = self.ledger
         loop = self.loop
         wait = self.wait_timeout if wait_for is None else (wait_for or math.inf)
+        spent = 0.0  # waiting for a disconnect in progress: pool_timeout bounds that too
         if ledger.state is not OPEN or (loop is not None and loop is not _shims.running_loop()):
             if ledger.state is CLOSING:
                 # Reopen once the disconnect in progress ends; pool_timeout bounds
@@ -178,10 +179,11 @@ class Acquiring(Generic[C]):
                 if ledger.state is CLOSING:
                     ledger.timeouts += 1
                     raise self._timeout_error(wait, started)
+                spent = time.monotonic() - started
             self.ensure_started()
             loop = self.loop
         # pool_timeout bounds the whole acquire, the checks of idle connections included
-        deadline = self.now() + wait
+        deadline = self.now() + wait - spent
         arrival = 0
         if ledger.idle:
             epoch = ledger.epoch

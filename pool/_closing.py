@@ -40,9 +40,10 @@ class Closing(LedgerState[C]):
         """
         found = 0
         for rec in (*self.lent.values(), *self.busy.values()):
-            if rec.host == host and rec.expires_at != -math.inf:  # not counted twice
-                self._mark(rec, FAILOVER)
-                found += 1
+            if rec.host == host:
+                if rec.expires_at != -math.inf:  # not counted twice
+                    found += 1
+                self._mark(rec, FAILOVER)  # (over a resize's mark: never undone now)
         stale = [rec for rec in self.idle if rec.host == host]
         if stale:
             keep = [rec for rec in self.idle if rec.host != host]
@@ -63,9 +64,15 @@ class Closing(LedgerState[C]):
         # Those already on their way out (marked, or closing now: an earlier
         # resize's closes still running) leave the size by themselves.
         surplus = self.size - limit - self.marked
+        if surplus < 0 and self.doomed:
+            # Grown again: the doomed openings first, then held connections an
+            # earlier shrink marked, are no longer surplus.
+            undo = min(-surplus, self.doomed)
+            self.doomed -= undo
+            self.marked -= undo
+            surplus += undo
         if surplus < 0:
-            # Grown again: a held connection an earlier shrink marked is no
-            # longer surplus. Only lent ones: a busy one may be closing already.
+            # Only lent ones: a busy one may be closing already.
             for rec in self.lent.values():
                 if surplus >= 0:
                     break
@@ -79,7 +86,16 @@ class Closing(LedgerState[C]):
             self._busy(rec)
             closing.append(rec)
             surplus -= 1
-        # Held ones first, then those in the pool's own I/O, and only then those
+        # Then openings in flight: a connection not lent yet is the cheapest to
+        # give up, and a held one is not taken from its holder for one that
+        # may never connect. Doomed, they count as leaving; each connection
+        # that arrives while some are doomed is closed if surplus still.
+        doom = min(surplus, self.opening - self.doomed)
+        if doom > 0:
+            self.doomed += doom
+            self.marked += doom
+            surplus -= doom
+        # Held ones next, then those in the pool's own I/O, and only then those
         # handed to a waiter that has not run yet, the last handed first: a
         # waiter whose connection is retired before it runs goes back to the
         # head of the queue, and a later-handed waiter keeping its connection
@@ -163,6 +179,7 @@ class Closing(LedgerState[C]):
     def begin_closing(self, error: BaseException) -> list[Conn]:
         """disconnect() starts: fail the waiters, cut in-flight I/O short, take the idle ones."""
         self.state = CLOSING
+        self.lend_thread = -1
         self.fail_waiters(error)
         for scope in self.scopes:
             scope.cancel()
@@ -203,8 +220,9 @@ class Closing(LedgerState[C]):
         self.epoch += 1
         self.size = 0
         self.opening = 0
-        self.marked = 0
+        self.marked = self.doomed = 0
         self.state = CLOSED_STATE
+        self.lend_thread = -1
         self.deadlines.clear()
         self.drained = None
 
@@ -216,6 +234,7 @@ class Closing(LedgerState[C]):
         the next event loop that uses it.
         """
         self.state = CLOSING
+        self.lend_thread = -1
         self.fail_waiters(error)
         for scope in self.scopes:
             scope.cancel()
@@ -240,6 +259,7 @@ class Closing(LedgerState[C]):
         self.deadlines.timer = None  # the parent's loop: never touched here
         self.scopes.clear()
         self.epoch += 1
-        self.size = self.opening = self.marked = 0
+        self.size = self.opening = self.marked = self.doomed = 0
         self.state = CLOSED_STATE
+        self.lend_thread = -1
         return kept

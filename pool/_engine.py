@@ -11,7 +11,9 @@ knows, so that ``disconnect()`` can cut it short. The acquire side is in
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -74,7 +76,8 @@ class Engine(Acquiring[C]):
         if ledger.state is CLOSING:
             raise PoolClosedError("the pool is disconnecting")
         check_runs_on(self.driver, library)
-        ledger.current_task = _shims.current_task_for(library)
+        ledger.tasks, ledger.tasks_key = _shims.task_registry_for(library)
+        ledger.current_task = functools.partial(ledger.tasks.get, ledger.tasks_key)
         self.checkpoint_if_cancelled = _shims.checkpoint_if_cancelled_for(library)
         self.cancel_pending = _shims.cancel_pending_for(library)
         self.loop = asyncio.get_running_loop() if library == "asyncio" else None
@@ -85,6 +88,7 @@ class Engine(Acquiring[C]):
             self.loop_time = anyio.current_time
         ledger.deadlines.loop = self.loop
         ledger.state = OPEN
+        ledger.lend_thread = threading.get_ident()  # (the fast acquire's test of both)
         self.server_checked = False
         if self.host is not None:
             self.host.join()

@@ -27,6 +27,8 @@ import logging
 import math
 import sys
 import time
+from sys import _getframe
+from threading import get_ident
 from typing import TypeVar
 
 from ._breaker import server_is_gone
@@ -34,7 +36,6 @@ from ._closing import Closing
 from ._conn import ANY_LEASE, BUSY, HANDED, IDLE, LENT, Conn
 from ._diagnosis import PACKAGE_FILES, outside_package, stamp_site
 from ._errors import ConnectError, PoolClosedError, PoolError
-from ._shims import running_loop
 from ._state import (
     BROKEN,
     CHECK_FAILED,
@@ -44,7 +45,7 @@ from ._state import (
     CLOSING,
     DISCONNECT,
     DRAIN,
-    FAILOVER,
+    LIFETIME,
     OPEN,
     RECOVER,
     RELEASED,
@@ -88,15 +89,21 @@ class Ledger(Closing[C]):
         two levels up.
         """
         idle = self.idle
-        # The loop test: never lend a connection of one running event loop to
-        # a task of another (the careful path then says what to do instead).
-        if not idle or self.waiters or self.state is not OPEN or (
-            self.deadlines.loop is not running_loop()
-        ):
+        # Open, and never lending a connection of the pool's event loop to a
+        # task of another (the careful path then says what to do instead): in
+        # two cheap halves. The loop's own thread (lend_thread is -1 unless the
+        # pool is open; another thread's loop fails it), and below, a task of
+        # the pool's loop running now (current_task asks that loop: None from
+        # another loop in the same thread, the pool's having ended). asyncio's
+        # _get_running_loop would make a getpid() system call.
+        if not idle or self.waiters or get_ident() != self.lend_thread:
             return None
         rec = idle[-1]
         now = time.monotonic()
         if now >= rec.fresh_until or not self.is_alive(rec.raw):
+            return None
+        task = self.tasks.get(self.tasks_key)  # current_task(), inlined: one call less
+        if task is None:
             return None
         idle.pop()
         rec.state = LENT
@@ -105,11 +112,13 @@ class Ledger(Closing[C]):
         # and the previous holder (its second bare release is refused)
         rec.lease = acquired = self.acquired + 1
         rec.previous = rec.task
-        rec.task = self.current_task()
-        frame = sys._getframe(2)  # the caller of the public entry point: the user
-        if frame.f_code.co_filename in PACKAGE_FILES:
+        rec.task = task
+        frame = _getframe(2)  # the caller of the public entry point: the user
+        code = frame.f_code  # (a frame's attributes are its slowest: each read once)
+        if code.co_filename in PACKAGE_FILES:
             frame = outside_package(frame)
-        rec.site_code = frame.f_code
+            code = frame.f_code
+        rec.site_code = code
         rec.site_offset = frame.f_lasti
         raw: C = rec.raw
         self.lent[id(raw)] = rec
@@ -220,8 +229,12 @@ class Ledger(Closing[C]):
         if not ok:
             self._retire(rec, CHECK_FAILED)
             return False
-        if rec.epoch != self.epoch or self.state is not OPEN or rec.expires_at <= now:
-            # disconnected, or marked meanwhile (a drain, a failover)
+        if (
+            rec.epoch != self.epoch
+            or self.state is not OPEN
+            or (rec.expires_at <= now and not self._still_needed(rec, now))
+        ):
+            # disconnected, or marked meanwhile (a drain, a failover, a resize)
             self._retire(rec, self._why_expired(rec, now))
             return False
         self._lend(rec, time.monotonic())
@@ -286,7 +299,7 @@ class Ledger(Closing[C]):
         if self.state is not OPEN or rec.state is not LENT or self.lent.get(key) is not rec:
             self._returned(rec)
             raise PoolClosedError("the pool was disconnected while this call waited")
-        if rec.expires_at == -math.inf:
+        if rec.expires_at == -math.inf and not self._still_needed(rec, time.monotonic()):
             del self.lent[key]
             waiter.rearm()
             self._requeue_first(waiter)
@@ -296,7 +309,7 @@ class Ledger(Closing[C]):
             # connection comes back for it.
             self.sleepers[waiter] = None
             self.sleepers.move_to_end(waiter, last=False)
-            self._retire(rec, rec.retire_reason or FAILOVER)
+            self._retire(rec, rec.retire_reason or LIFETIME)  # (unmarked: its lifetime ended)
             return None
         now = time.monotonic()
         self.waited += 1
@@ -354,7 +367,12 @@ class Ledger(Closing[C]):
         if rec.state is LENT and self.lent.get(key) is rec:
             del self.lent[key]
             now = time.monotonic()
-            if self.state is OPEN and rec.epoch == self.epoch and rec.expires_at <= now:
+            if (
+                self.state is OPEN
+                and rec.epoch == self.epoch
+                and rec.expires_at <= now
+                and not self._still_needed(rec, now)
+            ):
                 # marked meanwhile (a drain, a resize, a failover), or expired: never lent again
                 self._retire(rec, self._why_expired(rec, now))
             elif self.state is OPEN and rec.epoch == self.epoch:
@@ -373,7 +391,7 @@ class Ledger(Closing[C]):
             return
         if waiter.reserved == self.epoch:
             self.size -= 1
-            self.opening -= 1
+            self._opening_ended()
             waiter.reserved = -1
             self.wake_openers()
         waiter.reserved = -1
@@ -398,7 +416,7 @@ class Ledger(Closing[C]):
         failures = self.breaker.succeeded()
         if failures:
             logger.info("Reconnected to the database after %d failed attempt(s).", failures)
-        self.opening -= 1
+        self._opening_ended()  # doomed by a shrink: _put() closes it if surplus still
         self.opened += 1
         if 0 <= drains != self.drains:
             self.closed += 1
@@ -425,7 +443,7 @@ class Ledger(Closing[C]):
         if epoch != self.epoch:
             return
         self.size -= 1
-        self.opening -= 1
+        self._opening_ended()
         if error is None:
             self.wake_openers()
             return
@@ -471,7 +489,7 @@ class Ledger(Closing[C]):
         if broken or not self.is_alive(raw):
             # broken: it failed in a way that leaves its protocol state unknown
             self._retire(rec, BROKEN)
-        elif rec.expires_at <= now:
+        elif rec.expires_at <= now and not self._still_needed(rec, now):
             self._retire(rec, self._why_expired(rec, now))
         elif cancelled:
             # Cancelled mid-use, the connection may be mid-protocol: never lent
@@ -500,7 +518,11 @@ class Ledger(Closing[C]):
         now = time.monotonic()
         if not ok:
             self._retire(rec, failed)
-        elif rec.epoch != self.epoch or self.state is not OPEN or rec.expires_at <= now:
+        elif (
+            rec.epoch != self.epoch
+            or self.state is not OPEN
+            or (rec.expires_at <= now and not self._still_needed(rec, now))
+        ):
             self._retire(rec, self._why_expired(rec, now))
         else:
             self._put(rec, now)

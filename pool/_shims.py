@@ -21,14 +21,15 @@ import signal
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 
 __all__ = [
-    "cancel_pending_for", "checkpoint_if_cancelled_for", "current_task_for", "future_factory",
+    "TaskRegistry", "cancel_pending_for", "checkpoint_if_cancelled_for", "future_factory",
     "is_asyncio_runner_sigint", "loop_clock", "public_cancel_pending", "running_loop",
-    "save_signal_handlers",
+    "save_signal_handlers", "task_registry_for",
 ]
 
 logger = logging.getLogger("pool")
@@ -41,26 +42,57 @@ _anyio_asyncio_backend = "anyio._backends._asyncio"
 _loop_signal_handlers = "_signal_handlers"  # asyncio's BaseSelectorEventLoop (Unix)
 
 
-def current_task_for(library: str) -> Callable[[], object]:
-    """A cheap "which task is this", for diagnosis. Call it from inside a task."""
+class TaskRegistry(Protocol):
+    """What :func:`task_registry_for` gives: ``get(key)`` is a task, or None."""
+
+    def get(self, key: Any, /) -> object: ...
+
+
+class _Asking:
+    """A registry stand-in that asks a function (the public calls): slower, always right."""
+
+    __slots__ = ("_ask",)
+
+    def __init__(self, ask: Callable[[], object]) -> None:
+        self._ask = ask
+
+    def get(self, key: Any, /) -> object:
+        return self._ask()
+
+
+def task_registry_for(library: str) -> tuple[TaskRegistry, object]:
+    """``(registry, key)``: ``registry.get(key)`` is the task the pool's event loop runs now.
+
+    Call it from inside a task of the pool's loop. The answer is about that
+    loop, never the caller's: None when asked from another event loop in the
+    same thread (the pool's having ended). On trio, None outside a trio run.
+    The fast acquire asks on every call: asyncio's own registry, a dict keyed
+    by loop, answers in one method call (~40 ns); asyncio.current_task() costs
+    ~350 ns on CPython 3.11, a third of a whole fast acquire. CPython 3.14
+    keeps the current task elsewhere: verified before it is trusted.
+    """
     if library == "trio":
         import trio
 
-        return trio.lowlevel.current_task
-    # asyncio.current_task() costs ~350 ns on CPython 3.11, a third of a whole
-    # fast acquire; the registry it reads is a dict keyed by loop (~50 ns).
-    # CPython 3.14 keeps the current task elsewhere: verify before trusting it.
+        trio_task = trio.lowlevel.current_task
+
+        def current_trio_task() -> object:
+            try:
+                return trio_task()
+            except RuntimeError:  # not in a trio run (another library's loop)
+                return None
+
+        return _Asking(current_trio_task), None
     loop = asyncio.get_running_loop()
     registry = getattr(_asyncio_tasks, "_current_tasks", None)
     if isinstance(registry, dict):
-        fast: Callable[[], object] = functools.partial(registry.get, loop)
         try:
-            if fast() is asyncio.current_task():
-                return fast
+            if registry.get(loop) is asyncio.current_task():
+                return registry, loop
         except Exception:  # any surprise: the public call is always right
             pass
     logger.debug("asyncio.tasks._current_tasks is not usable here; using asyncio.current_task")
-    return asyncio.current_task
+    return _Asking(functools.partial(asyncio.current_task, loop)), None
 
 
 def checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:

@@ -20,6 +20,7 @@ import anyio
 
 from ._breaker import Breaker
 from ._conn import BUSY, CLOSED, HANDED, IDLE, LENT, Conn
+from ._shims import TaskRegistry
 from ._waiters import Deadlines, Waiter
 
 __all__ = [
@@ -61,6 +62,9 @@ RECOVER: Final = 3  # cancelled mid-use: the upkeep recovers it, then reports wi
 
 def _no_task() -> None:
     return None
+
+
+_NO_TASKS: dict[object, object] = {}  # (never written: get() is None for any key)
 
 
 def _never(raw: object, lease: int = 0) -> bool:
@@ -138,8 +142,13 @@ class LedgerState(Generic[C]):
         self.size = 0
         self.opening = 0
         #: lent or busy connections marked to close when next free (a drain, a
-        #: resize, a failover): a shrink closes only the surplus they leave
+        #: resize, a failover), and the doomed openings: a shrink closes only
+        #: the surplus they leave
         self.marked = 0
+        #: openings in flight a shrink counted as surplus (in ``marked`` too):
+        #: the next openings to end, however they end, consume them; one that
+        #: succeeds is then closed if it is surplus still (see _put)
+        self.doomed = 0
         #: drains so far: a connect that began before the last one is never lent
         self.drains = 0
         #: the cancel scopes of in-flight I/O, for disconnect() to cut short
@@ -147,7 +156,15 @@ class LedgerState(Generic[C]):
         #: set when the last lent connection comes back during disconnect's grace
         self.drained: anyio.Event | None = None
         self.breaker = Breaker()
+        #: the current task of the pool's event loop, None when that loop runs
+        #: none: ``tasks.get(tasks_key)``, or ``current_task()`` (the same, as a
+        #: call); see _shims.task_registry_for
+        self.tasks: TaskRegistry = _NO_TASKS
+        self.tasks_key: object = None
         self.current_task: Callable[[], object] = _no_task
+        #: the thread that loop runs in while the pool is OPEN, else -1: the
+        #: fast acquire's one test of both (set with every change of state)
+        self.lend_thread = -1
         self.acquired = 0
         self.waited = 0
         self.timeouts = 0
@@ -220,7 +237,11 @@ class LedgerState(Generic[C]):
         or the upkeep closes): until its close is reported it is still in
         ``size``, and a resize or a release must count it as leaving.
         """
-        rec.retire_reason = rec.retire_reason or reason
+        # A resize's mark is the only one undone (the pool grew again, or others
+        # left first): any other reason overrides it, so that undoing it never
+        # keeps a connection a drain or a failover retired.
+        if not rec.retire_reason or rec.retire_reason == RESIZE:
+            rec.retire_reason = reason
         if rec.expires_at != -math.inf:
             rec.expires_at = -math.inf
             self.marked += 1
@@ -230,6 +251,24 @@ class LedgerState(Generic[C]):
         rec.retire_reason = ""
         rec.expires_at = rec.lifetime_ends
         self.marked -= 1
+
+    def _still_needed(self, rec: Conn, now: float) -> bool:
+        """A connection a resize marked comes back: is it surplus still? O(1).
+
+        Others may have left the size since the mark (an opening failed, a
+        connection broke): then closing this one too would shrink the pool
+        below its limit. Not surplus: the mark is undone, and True if its own
+        lifetime has not ended either.
+        """
+        if (
+            rec.retire_reason == RESIZE
+            and rec.expires_at == -math.inf
+            and rec.epoch == self.epoch
+            and self.size - self.limit < self.marked
+        ):
+            self._unmark(rec)
+            return now < rec.expires_at
+        return False
 
     @staticmethod
     def _why_expired(rec: Conn, now: float) -> str:
@@ -251,6 +290,13 @@ class LedgerState(Generic[C]):
         # quick queries is served by the first connections instead of opening
         # the whole limit; HikariCP and psycopg_pool open one at a time.
         return self.opening < max(1, self.size - self.opening)
+
+    def _opening_ended(self) -> None:
+        """An opening ended (connected, failed or abandoned): it consumes a doom, if any."""
+        self.opening -= 1
+        if self.doomed:
+            self.doomed -= 1
+            self.marked -= 1
 
     def reserve(self, waiter: Waiter) -> None:
         self.size += 1

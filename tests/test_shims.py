@@ -8,6 +8,7 @@ still name the holder of a connection in its reports.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,12 +33,18 @@ async def holder_name_in_timeout_error() -> str:
         await db.disconnect()
 
 
+def current_task_for(library: str) -> Callable[[], object]:
+    """The task the pool's loop runs now, asked as the fast acquire asks."""
+    registry, key = _shims.task_registry_for(library)
+    return lambda: registry.get(key)
+
+
 class TestCurrentTask:
     @pytest.mark.anyio
     async def test_the_shortcut_answers_like_the_public_call(
         self, anyio_backend: str
     ) -> None:
-        current = _shims.current_task_for(anyio_backend)
+        current = current_task_for(anyio_backend)
         if anyio_backend == "asyncio":
             assert current() is asyncio.current_task()
         else:
@@ -62,13 +69,46 @@ class TestCurrentTask:
         monkeypatch.setattr(_shims, "_asyncio_tasks", stand_in)
 
         async def main() -> None:
-            assert _shims.current_task_for("asyncio") is asyncio.current_task
+            assert current_task_for("asyncio")() is asyncio.current_task()
             task = asyncio.current_task()
             assert task is not None
             task.set_name("the-holder")
             # the fallback still tells which task holds it: here, the waiting task itself
             assert await holder_name_in_timeout_error() == "the-holder (the waiting task itself)"
 
+        asyncio.run(main())
+
+
+    @pytest.mark.parametrize("registry", ["kept", "gone"])
+    def test_asyncio_asks_the_pools_loop_not_the_callers(
+        self, monkeypatch: pytest.MonkeyPatch, registry: str
+    ) -> None:
+        # The fast acquire's loop test relies on it: from another event loop
+        # (the pool's has ended), "the task the pool's loop runs now" is None.
+        if registry == "gone":
+            monkeypatch.setattr(_shims, "_asyncio_tasks", SimpleNamespace())
+        found: list[object] = []
+
+        async def first() -> Callable[[], object]:
+            current = current_task_for("asyncio")
+            found.append(current())
+            return current
+
+        current = asyncio.run(first())
+
+        async def second() -> None:
+            found.append(current())
+
+        asyncio.run(second())
+        assert found[0] is not None and found[1] is None
+
+    def test_trio_answers_none_outside_a_trio_run(self) -> None:
+        current = current_task_for("trio")
+
+        async def main() -> None:
+            assert current() is None  # an asyncio loop runs here, not trio
+
+        assert current() is None
         asyncio.run(main())
 
 
@@ -141,7 +181,7 @@ class TestCancelPending:
     @pytest.mark.anyio
     async def test_the_shortcut_answers_like_the_public_call(self, anyio_backend: str) -> None:
         pending = _shims.cancel_pending_for(anyio_backend)
-        task = _shims.current_task_for(anyio_backend)()
+        task = current_task_for(anyio_backend)()
         assert pending(task) is False
         with anyio.CancelScope() as outer:
             with anyio.CancelScope(shield=True):

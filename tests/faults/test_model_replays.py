@@ -229,3 +229,109 @@ class _Pick:
 
     def draw(self, strategy: object) -> object:
         return self.value
+
+
+class TestFoundAt1500:
+    """What the model's search found at 1,500 examples (2026-12-06), replayed."""
+
+    def test_a_failed_opening_leaves_the_held_connection_a_shrink_marked_not_surplus(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # resize(1) with one held and one opening marked the held one; the
+        # opening then failed, and the held one, no longer surplus, was closed
+        # when it came back (size 0 under limit 1).
+        machine, check = replay(monkeypatch)
+        try:
+            machine.acquire()
+            machine.release_every_parked_op()
+            machine.acquire()  # its connect parks
+            check()
+            machine.resize(1)
+            check()
+            machine.fail_parked_op(FIRST, False)  # type: ignore[arg-type]
+            check()
+            machine.release(FIRST, False)  # type: ignore[arg-type]
+            check()
+            s = machine.db.stats()
+            assert s.closed_by["resize"] == 0 and s.size >= 1, s
+        finally:
+            machine.teardown()
+
+    def test_a_shrink_counts_the_openings_in_flight_as_leaving(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Two held, two more opening after a grow to 4; resize(1) marked the two
+        # held ones only: size 4, two on their way out, limit 1. The openings
+        # are given up first now (each closed as it arrives, if surplus still).
+        machine, check = replay(monkeypatch)
+        try:
+            for _ in range(2):
+                machine.acquire()
+                machine.release_every_parked_op()
+            machine.acquire()
+            machine.acquire()
+            machine.resize(4)
+            check()
+            assert machine.db.stats().opening == 2, machine.db.stats()
+            machine.resize(1)
+            check()
+            machine.release_every_parked_op()
+            check()
+            for _ in range(2):
+                machine.release(FIRST, False)  # type: ignore[arg-type]
+                check()
+            machine.release_every_parked_op()
+            check()
+            s = machine.db.stats()
+            assert s.size <= 1, s
+        finally:
+            machine.teardown()
+
+    def test_pool_timeout_counts_the_wait_for_a_disconnect_in_progress(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # An acquire that waited for a disconnect in progress to end, then
+        # reopened the pool, started its pool_timeout again from there: it
+        # waited longer than its timeout in all.
+        machine, check = replay(monkeypatch)
+        try:
+            machine.acquire()
+            machine.disconnect(FIRST, 0.1, True)  # type: ignore[arg-type]  # its connect ends
+            machine.let_time_pass(6.0)  # the grace ends: disconnect() closes the held one
+            machine.release(FIRST, False)  # type: ignore[arg-type]  # its close parks
+            check()
+            machine.acquire_with_a_tiny_timeout()  # 1 ms, waits for the disconnect
+            machine.let_time_pass(0.0006)
+            check()
+            machine.fail_parked_op(FIRST, False)  # type: ignore[arg-type]  # the disconnect ends
+            check()
+            assert machine.ledger.state == "open", machine.db.stats()  # reopened: its connect parks
+            machine.let_time_pass(0.0006)  # 1.2 ms since it began
+            check()
+        finally:
+            machine.teardown()
+
+    def test_a_regrow_after_a_drain_keeps_the_drains_marks(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # resize(1) marked a held connection, drain() marked both but kept the
+        # first one's reason ("resize"), and resize(2) then undid that mark as
+        # a shrink's: the connection, older than the drain, went back idle.
+        machine, check = replay(monkeypatch)
+        try:
+            for _ in range(2):
+                machine.acquire()
+                machine.release_every_parked_op()
+            machine.resize(1)
+            machine.drain()
+            machine.resize(2)
+            check()
+            for _ in range(2):
+                machine.release(FIRST, False)  # type: ignore[arg-type]
+                check()
+            machine.release_every_parked_op()
+            check()
+            older = [rec.raw for rec in machine.ledger.idle if rec.raw.drains < 1]
+            assert not older, f"idle after drain(), and opened before it: {older}"
+        finally:
+            machine.teardown()
