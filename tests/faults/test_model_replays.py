@@ -15,11 +15,16 @@ from tests.faults.test_state_machine import PoolMachine, _First, replay
 FIRST = _First()
 
 
-def open_idle(machine: PoolMachine, check: object, n: int) -> None:
-    """``n`` connections opened (each while the others are held), then all released."""
+def hold(machine: PoolMachine, n: int) -> None:
+    """``n`` connections opened, each by a client that goes on holding it."""
     for _ in range(n):
         machine.acquire()
         machine.release_every_parked_op()
+
+
+def open_idle(machine: PoolMachine, check: object, n: int) -> None:
+    """``n`` connections opened (each while the others are held), then all released."""
+    hold(machine, n)
     for _ in range(n):
         machine.release(FIRST, False)  # type: ignore[arg-type]
     assert len(machine.ledger.idle) == n, machine.db.stats()
@@ -61,9 +66,7 @@ class TestResize:
         # was closed when it came back (found by the model's search too).
         machine, check = replay(monkeypatch)
         try:
-            for _ in range(2):
-                machine.acquire()
-                machine.release_every_parked_op()
+            hold(machine, 2)
             check()
             machine.resize(1)
             check()
@@ -265,9 +268,7 @@ class TestFoundAt1500:
         # are given up first now (each closed as it arrives, if surplus still).
         machine, check = replay(monkeypatch)
         try:
-            for _ in range(2):
-                machine.acquire()
-                machine.release_every_parked_op()
+            hold(machine, 2)
             machine.acquire()
             machine.acquire()
             machine.resize(4)
@@ -319,9 +320,7 @@ class TestFoundAt1500:
         # a shrink's: the connection, older than the drain, went back idle.
         machine, check = replay(monkeypatch)
         try:
-            for _ in range(2):
-                machine.acquire()
-                machine.release_every_parked_op()
+            hold(machine, 2)
             machine.resize(1)
             machine.drain()
             machine.resize(2)
