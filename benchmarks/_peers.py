@@ -48,6 +48,7 @@ __all__ = [
     "RW_ROWS",
     "Subject",
     "WRITE_SQL",
+    "driver_of",
     "normalise_scheme",
     "sqlite_path",
     "subjects_for",
@@ -68,12 +69,24 @@ WRITE_SQL = "UPDATE bench_rw SET v = v + 1 WHERE id = ?"
 ALL = frozenset({"W1", "W2", "W3", "W4", "W5", "RW"})
 
 _SCHEME_ALIASES = {"postgres": "postgresql", "mariadb": "mysql"}
+#: the driver this pool uses for a URL that names none
+_DEFAULT_DRIVERS = {"postgresql": "asyncpg", "mysql": "aiomysql", "sqlite": "sqlite3"}
 
 
 def normalise_scheme(url: str) -> str:
-    """``postgres://`` -> ``postgresql``, ``mariadb://`` -> ``mysql``."""
+    """The database: ``postgres://`` -> ``postgresql``, ``mariadb+asyncmy://`` -> ``mysql``."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    return _SCHEME_ALIASES.get(scheme, scheme)
+    base = scheme.split("+", 1)[0]
+    return _SCHEME_ALIASES.get(base, base)
+
+
+def driver_of(url: str) -> str:
+    """The driver this pool runs on for ``url``: ``postgresql+psycopg://`` -> ``psycopg``."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if "+" in scheme:
+        return scheme.split("+", 1)[1]
+    base = normalise_scheme(url)
+    return _DEFAULT_DRIVERS.get(base, base)
 
 
 def _version(package: str) -> str:
@@ -92,17 +105,26 @@ async def _fetchval_select1(conn: Any) -> None:
 
 
 async def _cursor_select1(conn: Any) -> None:
-    # aiomysql (and PyMySQL) talk through cursors
+    # aiomysql and asyncmy (as PyMySQL) talk through cursors
     async with conn.cursor() as cur:
         await cur.execute("SELECT 1")
         await cur.fetchone()
 
 
+async def _psycopg_select1(conn: Any) -> None:
+    # psycopg 3: the connection's execute() returns its cursor
+    cur = await conn.execute("SELECT 1")
+    await cur.fetchone()
+
+
+#: SELECT 1 the way each driver's users run it, by driver (see driver_of)
 _SELECT1: dict[str, Query] = {
-    "postgresql": _fetchval_select1,
-    "sqlite": _fetchval_select1,
+    "asyncpg": _fetchval_select1,
+    "psycopg": _psycopg_select1,
+    "sqlite3": _fetchval_select1,
     "stub": _fetchval_select1,
-    "mysql": _cursor_select1,
+    "aiomysql": _cursor_select1,
+    "asyncmy": _cursor_select1,
 }
 
 
@@ -121,6 +143,8 @@ class Subject(abc.ABC):
     modules: ClassVar[tuple[str, ...]] = ()
     #: the URL schemes it runs on
     schemes: ClassVar[frozenset[str]] = frozenset()
+    #: the driver under a peer's connections (this pool's: the URL's, see driver_of)
+    driver_name: ClassVar[str] = ""
     #: what it does with its defaults that a reader of the figures should know
     note: ClassVar[str] = ""
     #: False when it has no notion of an acquire timeout (the raw connections)
@@ -135,6 +159,11 @@ class Subject(abc.ABC):
     @property
     def label(self) -> str:
         return f"{self.name} {_version(self.package)}" if self.package else self.name
+
+    @property
+    def driver(self) -> str:
+        """The driver whose connections it lends, as the report names it."""
+        return self.driver_name
 
     @abc.abstractmethod
     async def open(
@@ -208,8 +237,12 @@ class Ours(Subject):
     def __init__(self, url: str, *, driver: Driver[Any] | None = None) -> None:
         super().__init__(url)
         self._driver = driver
-        self._query = _SELECT1["stub" if driver is not None else normalise_scheme(url)]
+        self._query = _SELECT1["stub" if driver is not None else driver_of(url)]
         self._db: pool.Pool[Any] | None = None
+
+    @property
+    def driver(self) -> str:
+        return "stub" if self._driver is not None else driver_of(self.url)
 
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
@@ -381,15 +414,21 @@ class Limit(Subject):
                 connect_timeout=parsed.config.connect_timeout,
                 socket_timeout=parsed.config.socket_timeout,
             )
-            self._query = _SELECT1[normalise_scheme(url)]
+            self._query = _SELECT1[driver_of(url)]
+            self._on = driver_of(url)
         else:
             self._query = _SELECT1["stub"]
+            self._on = "stub"
         self._driver: Driver[Any] = driver
         self._slots: list[_Slot] = []
 
     @property
     def label(self) -> str:
         return "limit (raw connections, one lock each, no pool)"
+
+    @property
+    def driver(self) -> str:
+        return self._on
 
     async def open(
         self, size: int, *, warm: bool = True, acquire_timeout: float | None = None
@@ -461,6 +500,7 @@ class _NoResetConnection:
 
 class Asyncpg(Subject):
     name = "asyncpg"
+    driver_name = "asyncpg"
     package = "asyncpg"
     modules = ("asyncpg",)
     schemes = frozenset({"postgresql"})
@@ -518,6 +558,7 @@ class AsyncpgNoReset(Asyncpg):
 
 class PsycopgPool(Subject):
     name = "psycopg_pool"
+    driver_name = "psycopg"
     package = "psycopg-pool"
     modules = ("psycopg", "psycopg_pool")
     schemes = frozenset({"postgresql"})
@@ -591,6 +632,7 @@ class SQLAlchemy(Subject):
     #: like-for-like: AUTOCOMMIT and no rollback on return
     autocommit: ClassVar[bool] = False
     dialect: ClassVar[str] = "asyncpg"
+    driver_name = "asyncpg"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -733,6 +775,7 @@ class AiosqlitePerTask(_AiosqliteBase):
     """No pool: each unit of work opens its own aiosqlite connection and closes it."""
 
     name = "aiosqlite/task"
+    driver_name = "aiosqlite"
     # W3 and W4 ask how a pool grants its connections; here nothing is granted
     applies = frozenset({"W1", "W2", "RW"})
     note = (
@@ -808,6 +851,7 @@ class SQLAlchemySqlite(SQLAlchemy):
     modules = ("sqlalchemy", "aiosqlite", "greenlet")
     schemes = frozenset({"sqlite"})
     dialect = "aiosqlite"
+    driver_name = "aiosqlite"
     applies = ALL
     note = (
         "sqlalchemy (SQLite): create_async_engine('sqlite+aiosqlite:///...') with its pool "
@@ -844,6 +888,7 @@ class _WaitFor:
 
 class Aiomysql(Subject):
     name = "aiomysql"
+    driver_name = "aiomysql"
     package = "aiomysql"
     modules = ("aiomysql",)
     schemes = frozenset({"mysql"})
@@ -945,8 +990,15 @@ def subjects_for(
     skipped: dict[str, str] = {}
     if not peers:
         return [s for s in subjects if not isinstance(s, OursReset)], skipped
+    # A URL that names its driver (postgresql+psycopg://) asks for like for
+    # like: the peers lending that driver's connections, when there are some.
+    named = url.split("://", 1)[0].lower().partition("+")[2]
+    same = {p for p in PEERS if scheme in p.schemes and p.driver_name == named}
     for peer in PEERS:
         if scheme not in peer.schemes or peer.style not in styles:
+            continue
+        if same and peer not in same:
+            skipped[peer.name] = f"lends {peer.driver_name}'s connections, not {named}'s"
             continue
         missing = _missing(peer.modules)
         if missing:

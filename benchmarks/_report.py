@@ -85,11 +85,17 @@ class Results:
 
     def add_pool(
         self, name: str, role: str, label: str, note: str, *, style: str = "default",
-        applies: Sequence[str] = (),
+        applies: Sequence[str] = (), driver: str = "",
     ) -> None:
         self.pools.setdefault(name, {
             "role": role, "label": label, "note": note, "style": style, "applies": list(applies),
+            "driver": driver,
         })
+
+    def named(self, name: str) -> str:
+        """A pool's name with the driver under its connections: ``psycopg_pool (psycopg)``."""
+        driver = self.pools.get(name, {}).get("driver", "")
+        return f"{name} ({driver})" if driver else name
 
     def add(self, wid: str, case: str, pool: str, metrics: dict[str, float]) -> None:
         slot = self.figures.setdefault(wid, {}).setdefault(case, {}).setdefault(pool, {})
@@ -469,12 +475,12 @@ def targets(results: Results) -> list[Target]:
             # even they are not 5x the peer, no pool can be, and the report says so.
             ceiling = _ratio(limit, best)
             bound = (
-                f"; the limit itself is {fmt_ratio(ceiling)} {peer}"
+                f"; the limit itself is {fmt_ratio(ceiling)} {results.named(peer)}"
                 if _finite(ceiling) and ceiling < 5 else ""
             )
             check(wid, f"{case}: >= 5x the fastest peer's cycles/s{suffix(style)}",
                   r >= 5 if _finite(r) else None,
-                  f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s{bound})"
+                  f"{fmt_ratio(r)} {results.named(peer)} ({_sig(ours)}/s vs {_sig(best)}/s{bound})"
                   if peer else "no peer ran", style or "")
         r = _ratio(ours, limit)
         check(wid, f"{case}: >= 0.5x the raw-connection limit's cycles/s",
@@ -491,7 +497,7 @@ def targets(results: Results) -> list[Target]:
             r = _ratio(ours, best)
             check("W2", f"ahead of every peer in queries/s{suffix(style)}",
                   r > 1 if _finite(r) else None,
-                  f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s)"
+                  f"{fmt_ratio(r)} {results.named(peer)} ({_sig(ours)}/s vs {_sig(best)}/s)"
                   if peer else "no peer ran", style or "")
     if "W3" in fig:
         ooo = results.values("W3", "", "pool", "out_of_order")
@@ -519,7 +525,8 @@ def targets(results: Results) -> list[Target]:
     if "W5" in fig:
         ours = results.med("W5", "", "pool", "seconds")
         peer, best = _fastest(results, "W5", "", "seconds", low=True)
-        figure = f"{fmt_time(ours)} vs {fmt_time(best)} ({peer})" if peer else "no peer ran"
+        figure = (f"{fmt_time(ours)} vs {fmt_time(best)} ({results.named(peer)})"
+                  if peer else "no peer ran")
         if peer and ours > best:
             noise = max(spread(results.values("W5", "", "pool", "seconds")),
                         spread(results.values("W5", "", peer, "seconds")))
@@ -532,7 +539,8 @@ def targets(results: Results) -> list[Target]:
         peer_opened = results.med("W5", "", peer, "opened") if peer else math.nan
         check("W5", "no more connections opened than the fastest peer",
               opened <= peer_opened if peer and _finite(opened) else None,
-              f"{opened:.0f} vs {peer_opened:.0f} ({peer})" if peer else "no peer ran")
+              f"{opened:.0f} vs {peer_opened:.0f} ({results.named(peer)})"
+              if peer else "no peer ran")
     if "RW" in fig:
         from ._workloads import ONE_WRITER
 
@@ -541,7 +549,7 @@ def targets(results: Results) -> list[Target]:
             peer, best = _fastest(results, "RW", "", "ops_per_s", low=False, style=style)
             r = _ratio(ours, best)
             check("RW", f"reads+writes/s vs the fastest peer{suffix(style)}", None,
-                  f"{fmt_ratio(r)} {peer} ({_sig(ours)}/s vs {_sig(best)}/s)"
+                  f"{fmt_ratio(r)} {results.named(peer)} ({_sig(ours)}/s vs {_sig(best)}/s)"
                   if peer else "no peer ran", style or "", info=True)
         w = results.med("RW", "", "pool", "writes_per_s")
         ceiling = results.med("RW", "", ONE_WRITER, "writes_per_s")
@@ -587,7 +595,10 @@ def render(results: Results) -> str:
         + (" (--quick)" if meta.get("quick") else ""),
         f"  machine   {meta.get('python', '')}, {meta.get('cpus', '?')} CPUs, "
         f"{meta.get('platform', '')}",
-        "  pools     " + "; ".join(info["label"] for info in results.pools.values()),
+        "  pools     " + "; ".join(
+            f"{info['label']} on {info['driver']}" if info.get("driver") else info["label"]
+            for info in results.pools.values()
+        ),
     ]
     for name, why in results.skipped.items():
         lines.append(f"  skipped   {name}: {why}")
@@ -680,7 +691,8 @@ def verdict(results: Results, found: Sequence[Target]) -> list[str]:
         rows.append([f"{wid} {goal}", *cells])
     names = {"default": "default rows", "lfl": "like-for-like rows"}
     # with no peer rows at all (this pool and the limit alone) there is one kind of verdict
-    headers = ["Verdict", *(names[c] for c in columns)] if styles else ["Verdict", "this run"]
+    first = f"Verdict: {results.named('pool')}" if "pool" in results.pools else "Verdict"
+    headers = [first, *(names[c] for c in columns)] if styles else [first, "this run"]
     return _table(headers, rows, left=len(headers))
 
 

@@ -599,7 +599,7 @@ async def run(plan: Plan, results: Results, progress: Progress) -> None:
     for subject in subjects:
         applies = [w for w in plan.workloads if w in subject.applies]
         results.add_pool(subject.name, subject.role, subject.label, subject.note,
-                         style=subject.style, applies=applies)
+                         style=subject.style, applies=applies, driver=subject.driver)
         if subject.unavailable is not None:
             results.unavailable[subject.name] = subject.unavailable
     runner = _Runner(plan, results, progress)

@@ -324,6 +324,31 @@ class TestPostgres:
             "pool", "asyncpg", "sqlalchemy", "asyncpg[lfl]", "sqlalchemy[lfl]"
         }
 
+    def test_psycopg_runs_like_for_like_beside_psycopg_pool_alone(
+        self, tmp_path: Path, record_output: Recorder
+    ) -> None:
+        # postgresql+psycopg://: this pool lends psycopg connections, and the
+        # peers are those that lend psycopg's too; every row names its driver
+        servers.require(servers.POSTGRES_URL, "PostgreSQL")
+        url = servers.POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+        out = tmp_path / "bench.json"
+        proc = poolbench(
+            "--url", url, "--quick", "--workload", "W1,W2,W3", "--duration", "0.1",
+            "--size", "4", "--no-progress", "--json", str(out),
+        )
+        record_output(proc)
+        assert proc.returncode == 0, proc.stderr
+        assert servers.SECRET not in proc.stdout + proc.stderr + out.read_text(encoding="utf-8")
+        mine = {"pool", "limit", "psycopg_pool", "psycopg_pool[lfl]"}
+        assert set(rows(section(proc.stdout, "W2"))) - {"pool[reset]"} == mine
+        assert "skipped   asyncpg: lends asyncpg's connections, not psycopg's" in proc.stdout
+        doc = load(out)
+        assert {name: doc["pools"][name]["driver"] for name in mine} == dict.fromkeys(
+            mine, "psycopg"
+        )
+        assert "Verdict: pool (psycopg)" in proc.stdout
+        assert "psycopg_pool[lfl] (psycopg)" in proc.stdout
+
     def test_an_unreachable_server_fails_fast_without_the_password(self) -> None:
         url = servers.POSTGRES_URL.replace(":5432/", ":1/")
         proc = poolbench("--url", url, "--quick")
@@ -348,6 +373,23 @@ class TestMySQL:
         doc = load(out)
         assert set(doc["pools"]) - {"pool[reset]"} == mine
         assert set(doc["workloads"]["W5"]["cases"]["all"]) - {"pool[reset]"} == mine
+
+    def test_asyncmy_runs_beside_aiomysql(self, tmp_path: Path, record_output: Recorder) -> None:
+        # no pool of asyncmy's among the peers: aiomysql's stays, and says so
+        servers.require(servers.MYSQL_URL, "MariaDB")
+        url = servers.MYSQL_URL.replace("mysql://", "mysql+asyncmy://", 1)
+        out = tmp_path / "bench.json"
+        proc = poolbench(
+            "--url", url, "--quick", "--workload", "W2", "--duration", "0.1",
+            "--no-progress", "--json", str(out),
+        )
+        record_output(proc)
+        assert proc.returncode == 0, proc.stderr
+        assert servers.SECRET not in proc.stdout + out.read_text(encoding="utf-8")
+        doc = load(out)
+        assert set(doc["pools"]) - {"pool[reset]"} == {"pool", "limit", "aiomysql", "aiomysql[lfl]"}
+        assert doc["pools"]["pool"]["driver"] == "asyncmy"
+        assert doc["pools"]["aiomysql"]["driver"] == "aiomysql"
 
 
 class TestFifoCheck:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pool
 
-from .._peers import _NoResetConnection
+from .._peers import _NoResetConnection, driver_of
 
 __all__ = ["BACKENDS", "Backend", "ROW_SQL", "backend_for"]
 
@@ -78,6 +78,12 @@ class Ours(Backend):
 
     db: pool.Pool[Any]
 
+    def __init__(self, url: str, size: int) -> None:
+        super().__init__(url, size)
+        # postgresql+psycopg://: this pool lends psycopg's connections, queried
+        # as psycopg's users do (as the psycopg_pool backend does)
+        self.psycopg = driver_of(url) == "psycopg"
+
     async def open(self) -> None:
         db = self.db = pool.Pool(self.url, connection_limit=self.size, **self.extra)
         conns = [await db.acquire() for _ in range(self.size)]
@@ -89,14 +95,22 @@ class Ours(Backend):
 
     async def one(self, row_id: int) -> Row:
         async with self.db.acquire() as conn:
-            row = await conn.fetchrow(ROW_SQL, row_id)
+            if self.psycopg:
+                cur = await conn.execute(_PSYCOPG_SQL, (row_id,))
+                row = await cur.fetchone()
+            else:
+                row = await conn.fetchrow(ROW_SQL, row_id)
         return row[0], row[1]
 
     async def many(self, row_ids: Sequence[int]) -> list[Row]:
         out = []
         async with self.db.acquire() as conn:
             for row_id in row_ids:
-                row = await conn.fetchrow(ROW_SQL, row_id)
+                if self.psycopg:
+                    cur = await conn.execute(_PSYCOPG_SQL, (row_id,))
+                    row = await cur.fetchone()
+                else:
+                    row = await conn.fetchrow(ROW_SQL, row_id)
                 out.append((row[0], row[1]))
         return out
 

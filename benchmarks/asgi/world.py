@@ -14,6 +14,8 @@ ROWS = 10_000
 
 async def ensure_world(url: str) -> bool:
     """Create and fill ``world`` unless it already holds its 10,000 rows; True if it did."""
+    # on the default driver (asyncpg, $1 placeholders), whichever one the run is about
+    url = "postgresql" + url[url.index("://"):] if "+" in url.split("://", 1)[0] else url
     db: pool.Pool[Any] = pool.Pool(url, connection_limit=1)
     async with db:
         await db.execute(
