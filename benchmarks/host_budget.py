@@ -14,8 +14,29 @@ its share of load while the first still runs, then the first stops) and a
 
 For each: the server's own peak count of the fleet's sessions
 (``pg_stat_activity`` by ``application_name``, sampled every 10 ms), req/s, p99
-and failed requests (non-2xx and socket errors, as wrk counts them). The pools
-are lazy (``pool[lazy]``): a worker opens connections as its load needs them.
+and failed requests (non-2xx and socket errors, as wrk counts them, by kind).
+The pools are lazy (``pool[lazy]``): a worker opens connections as its load
+needs them.
+
+What wrk (4.1) reports, and how it is counted here: a refused connect is a
+*write* error (its connect does not block; the refusal shows on the first
+write), and wrk reconnects at once, so a wrk left on a stopped server counts
+tens of thousands of them a second: attempts, not requests. A server that
+closes a connection gives a *read* error. So the failures are split by when
+and where they happen:
+
+- rolling restart: the old fleet's load runs in two wrk runs, ``up`` (until the
+  old fleet is told to stop: every failure there is the pool's or the
+  budget's) and ``stopping`` (started on the old fleet just before it is
+  stopped and left knocking on it: its socket errors are the restart's; a
+  non-2xx or a timeout there still came from a live server and counts as a
+  failure while up). The new fleet is up all along: all its failures count.
+- ``kill -9``: the victim is the worker holding the most client connections
+  (uvicorn's first child is multiprocessing's resource tracker, not a worker).
+  The client connections the victim held just before the kill are
+  counted (from the kernel, psutil); that many lost connections (read, write,
+  connect errors) are the kill's, the requests routed to the killed worker;
+  any more, and every non-2xx and timeout, are failures while up.
 """
 
 from __future__ import annotations
@@ -88,8 +109,8 @@ class Sampler:
 class Fleet:
     """A running ``uvicorn --workers N``: its master process and its base URL."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], base: str) -> None:
-        self.proc, self.base = proc, base
+    def __init__(self, proc: subprocess.Popen[bytes], base: str, port: int) -> None:
+        self.proc, self.base, self.port = proc, base, port
 
 
 @contextlib.contextmanager
@@ -120,11 +141,26 @@ def fleet(url: str, size: int, workers: int, budget_dir: str) -> Iterator[Fleet]
                 raise RuntimeError("uvicorn did not answer within 60 s")
             time.sleep(0.1)
         # every worker up (uvicorn starts them together; give the last ones a moment)
-        while len(psutil.Process(proc.pid).children()) < workers:
+        while len(serving(proc.pid, port)) < workers:
             time.sleep(0.1)
-        yield Fleet(proc, base)
+        yield Fleet(proc, base, port)
     finally:
         stop(proc)
+
+
+def serving(master: int, port: int) -> list[psutil.Process]:
+    """uvicorn's worker processes: its children listening on ``port``.
+
+    Not just its children: the first of those is multiprocessing's resource
+    tracker, which serves nothing (an earlier version killed it as "a worker").
+    """
+    found = []
+    for child in psutil.Process(master).children():
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in child.net_connections(kind="tcp")):
+                found.append(child)
+    return found
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -151,7 +187,34 @@ def figures(load: subprocess.Popen[str]) -> dict[str, Any]:
     return {
         "rps": round(f["rps"]), "p99_ms": f["p99_ms"], "requests": f["requests"],
         "failed": f["non_2xx"] + f["socket_errors"],
+        "errors": {"non_2xx": f["non_2xx"], **{
+            kind: f[f"{kind}_errors"] for kind in ("connect", "read", "write", "timeout")}},
     }
+
+
+def interrupt(load: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    """SIGINT: wrk stops and prints what it saw so far (requests in flight are not counted)."""
+    load.send_signal(signal.SIGINT)
+    return load
+
+
+def client_connections(pid: int, port: int, local: bool) -> int:
+    """Established TCP connections of ``pid`` whose local (or remote) port is ``port``."""
+    n = 0
+    for c in psutil.Process(pid).net_connections(kind="tcp"):
+        end = c.laddr if local else c.raddr
+        if c.status == psutil.CONN_ESTABLISHED and end and end.port == port:
+            n += 1
+    return n
+
+
+def wait_connected(load: subprocess.Popen[str], port: int, connections: int) -> None:
+    """Until wrk holds most of its connections to ``port`` (it refuses to start on a closed one)."""
+    deadline = time.monotonic() + 5
+    while client_connections(load.pid, port, local=False) < connections // 2:
+        if load.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("wrk did not connect to the old fleet before its stop")
+        time.sleep(0.005)
 
 
 def url_for(base: str, app: str, budget: int | None) -> str:
@@ -180,19 +243,33 @@ def rolling_restart(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as budgets, Sampler(args.url, app) as sampler, \
             fleet(url, PER_WORKER, args.workers, budgets) as old:
         load_old = wrk(old.base, args.duration * 2, args.connections)
+        started = time.monotonic()
         time.sleep(args.duration / 2)
         with fleet(url, PER_WORKER, args.workers, budgets) as new:
             load_new = wrk(new.base, args.duration, args.connections)
             time.sleep(args.duration / 2)
-            stop(old.proc)  # the old fleet goes while the new one serves
+            # the old fleet goes while the new one serves: what its clients saw while
+            # it was up, then a wrk that keeps knocking on it through and after its stop
+            old_up = figures(interrupt(load_old))
+            rest = max(1.0, args.duration * 2 - (time.monotonic() - started))
+            knock = wrk(old.base, rest, args.connections)
+            wait_connected(knock, old.port, args.connections)
+            stop(old.proc)
             new_figures = figures(load_new)
-        old_figures = figures(load_old)
-    # (the old fleet's wrk keeps knocking on a closed port once it stopped: those
-    # connect errors are the restart's, not the budget's; counted apart)
+        old_stopping = figures(knock)
+    e = old_stopping["errors"]
+    old_figures = {
+        "up": old_up, "stopping": old_stopping,
+        "failed_while_up": old_up["failed"] + e["non_2xx"] + e["timeout"],
+        "errors_from_the_stop": e["connect"] + e["read"] + e["write"],
+    }
     out = {"scenario": "rolling restart (budget 20)", "server_peak": sampler.peak,
-           "samples": sampler.samples, "old": old_figures, "new": new_figures}
+           "samples": sampler.samples, "old": old_figures,
+           "new": {**new_figures, "failed_while_up": new_figures["failed"]}}
     print(f"{'rolling restart (budget 20)':34} peak {sampler.peak:3}  new fleet: "
-          f"{new_figures['rps']:,} req/s, failed {new_figures['failed']}", flush=True)
+          f"{new_figures['rps']:,} req/s, failed {new_figures['failed']}; old fleet: failed "
+          f"while up {old_figures['failed_while_up']}, errors from its stop "
+          f"{old_figures['errors_from_the_stop']:,}", flush=True)
     return out
 
 
@@ -203,14 +280,25 @@ def kill_worker(args: argparse.Namespace) -> dict[str, Any]:
             Sampler(args.url, app) as sampler:
         load = wrk(running.base, args.duration, args.connections)
         time.sleep(args.duration / 3)
-        victim = psutil.Process(running.proc.pid).children()[0]
+        # the worker holding the most client connections (a worker, not the tracker)
+        held, victim = max(
+            ((client_connections(w.pid, running.port, local=True), w)
+             for w in serving(running.proc.pid, running.port)),
+            key=lambda pair: pair[0],
+        )
         victim.send_signal(signal.SIGKILL)
         result = figures(load)
+    e = result["errors"]
+    lost = e["connect"] + e["read"] + e["write"]
     out = {"scenario": "kill -9 of a worker (budget 20)", "server_peak": sampler.peak,
-           "samples": sampler.samples, **result}
+           "samples": sampler.samples, **result, "killed_pid": victim.pid,
+           "killed_worker_connections": held,
+           "failed_on_killed_worker": min(lost, held),
+           "failed_while_up": e["non_2xx"] + e["timeout"] + max(0, lost - held)}
     print(f"{'kill -9 of a worker (budget 20)':34} peak {sampler.peak:3}  "
-          f"{result['rps']:7,} req/s  p99 {result['p99_ms']:7.1f} ms  failed {result['failed']}",
-          flush=True)
+          f"{result['rps']:7,} req/s  p99 {result['p99_ms']:7.1f} ms  failed {result['failed']} "
+          f"({out['failed_on_killed_worker']} on the killed worker's {held} connections, "
+          f"{out['failed_while_up']} while up)", flush=True)
     return out
 
 

@@ -96,11 +96,12 @@ class MemberRecord:
 class Slot:
     """One held slot of a budget: the connection it pays for may stay open."""
 
-    __slots__ = ("_fd", "index")
+    __slots__ = ("_budget", "_fd", "index")
 
-    def __init__(self, fd: int, index: int) -> None:
+    def __init__(self, fd: int, index: int, budget: HostBudget | None = None) -> None:
         self._fd = fd
         self.index = index
+        self._budget = budget
 
     def release(self) -> None:
         """Give the slot back (idempotent). Call it once the connection is gone."""
@@ -109,6 +110,9 @@ class Slot:
             # closing the descriptor drops the lock: one system call
             with contextlib.suppress(OSError):
                 os.close(fd)
+            budget, self._budget = self._budget, None
+            if budget is not None:
+                budget._freed(self.index)
 
     @property
     def held(self) -> bool:
@@ -195,27 +199,72 @@ class HostBudget:
         if not os.path.exists(about):
             with contextlib.suppress(OSError), open(about, "w") as f:
                 f.write(f"{target} host_connection_limit={limit}\n")
-        #: where the next take() starts looking: this process's last success,
-        #: so that a steady pool usually finds a free slot at its first try
+        #: where the next take() scans from: after this process's last success
         self._next = os.getpid() % limit
+        #: slots this budget object holds now: take() never tries to lock them
+        self._mine: set[int] = set()
+        #: slots this budget object gave back, the latest last: the first guess
+        #: of take(), usually still free (a hint only: the lock decides)
+        self._hints: list[int] = []
+        #: lock attempts so far (one flock each; tests count them)
+        self.attempts = 0
+
+    def _freed(self, index: int) -> None:
+        self._mine.discard(index)
+        hints = self._hints
+        if index in hints:
+            hints.remove(index)
+        hints.append(index)
+        if len(hints) > self.limit:
+            del hints[0]
 
     def _slot_path(self, index: int) -> str:
         return os.path.join(self.directory, f"slot-{index}")
 
     def take(self) -> Slot | None:
-        """A free slot, held now; None when all N are held. Never blocks."""
+        """A free slot, held now; None when all N are held. Never blocks.
+
+        The common case is one lock attempt: first the slot this object gave
+        back last (nobody else has usually taken it since), else, on an
+        empty budget's fill, the slot after its last success. Only when that
+        guess is wrong does it scan the others, skipping the slots it holds
+        itself. The guess is never trusted: a slot is held only by the lock
+        this call gets, so a dead process's slot is as free as any and a live
+        holder's is never taken.
+        """
         limit = self.limit
+        mine = self._mine
+        hints = self._hints
+        tried = -1
+        while hints:
+            index = hints.pop()
+            if index not in mine and index < limit:
+                tried = index
+                slot = self._lock(index)
+                if slot is not None:
+                    return slot
+                break  # another process took it: the other hints are older still
         start = self._next
         for step in range(limit):
             index = (start + step) % limit
-            fd = os.open(self._slot_path(index), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if _try_lock(fd):
-                with contextlib.suppress(OSError):
-                    os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(16), 0)
-                self._next = (index + 1) % limit
-                return Slot(fd, index)
-            os.close(fd)
+            if index == tried or index in mine:
+                continue
+            slot = self._lock(index)
+            if slot is not None:
+                return slot
         return None
+
+    def _lock(self, index: int) -> Slot | None:
+        fd = os.open(self._slot_path(index), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.attempts += 1
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(16), 0)
+        self._next = (index + 1) % self.limit
+        self._mine.add(index)
+        return Slot(fd, index, self)
 
     def holders(self) -> list[int]:
         """The pids holding slots now, one entry per slot (for error messages)."""

@@ -8,7 +8,10 @@ for it). It runs until done, or until the test kills it.
 Modes:
 
 * ``work``: ``tasks`` tasks run ``sql`` in a loop for ``seconds``; reports
-  how many statements ran and failed.
+  how many statements ran and failed, and how many connections were opened.
+  ``churn``: every that many seconds, one more task drains the pool (every
+  connection replaced) and resizes it down to 1 and back up: connections
+  closed and opened all the time, by three mechanisms.
 * ``hold``: opens ``count`` connections and keeps them (``lent``: held by
   tasks; else idle in the pool), reports ready, then sleeps.
 * ``once``: one statement; reports how long the acquire took (the
@@ -36,6 +39,7 @@ def say(**fields: Any) -> None:
 
 
 async def main(mode: str, url: str, limit: int, opts: dict[str, Any]) -> None:
+    limit_ = limit
     db = pool.Pool(
         url,
         host_connection_limit=limit,
@@ -58,11 +62,26 @@ async def main(mode: str, url: str, limit: int, opts: dict[str, Any]) -> None:
                     failed += 1
                     say(error=str(exc))
 
+        async def churn(every: float) -> None:
+            limit = opts.get("connection_limit", limit_)
+            flip = False
+            while time.monotonic() < until:
+                await anyio.sleep(every)
+                flip = not flip
+                if flip:
+                    await db.drain()
+                else:
+                    await db.resize(1)
+                    await db.resize(limit)
+
         say(ready=os.getpid())
         async with anyio.create_task_group() as tg:
             for _ in range(opts.get("tasks", 4)):
                 tg.start_soon(loop)
-        say(done=done, failed=failed, closed_by=dict(db.stats().closed_by))
+            if opts.get("churn"):
+                tg.start_soon(churn, opts["churn"])
+        stats = db.stats()
+        say(done=done, failed=failed, closed_by=dict(stats.closed_by), opened=stats.opened)
         await db.disconnect()
     elif mode == "hold":
         count = opts["count"]

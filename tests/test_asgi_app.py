@@ -78,8 +78,37 @@ def test_parse_wrk() -> None:
     assert got["p75_ms"] == pytest.approx(18.49)
     assert got["mean_ms"] == pytest.approx(13.68) and got["max_ms"] == pytest.approx(1200)
     assert got["non_2xx"] == 4 and got["socket_errors"] == 3
+    assert (got["connect_errors"], got["read_errors"], got["write_errors"]) == (0, 2, 0)
+    assert got["timeout_errors"] == 1
     with pytest.raises(ValueError):
         parse_wrk("wrk: connection refused")
+
+
+# wrk 4.1.0's real output (Debian's) when the server stops 1.5 s into a 4 s run:
+# the refused reconnects are counted as write errors, and there are 180,544 of them
+WRK_STOPPED = """\
+Running 4s test @ http://127.0.0.1:18777/db
+  2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    42.55ms    7.49ms  59.17ms   94.89%
+    Req/Sec    75.52     28.36   121.00     54.84%
+  Latency Distribution
+     50%   43.98ms
+     75%   44.04ms
+     90%   44.31ms
+     99%   48.31ms
+  235 requests in 4.10s, 25.93KB read
+  Socket errors: connect 0, read 9, write 180544, timeout 0
+Requests/sec:     57.26
+Transfer/sec:      6.32KB
+"""
+
+
+def test_parse_wrk_stopped_server() -> None:
+    got = parse_wrk(WRK_STOPPED)
+    assert got["requests"] == 235 and got["non_2xx"] == 0
+    assert (got["connect_errors"], got["read_errors"], got["write_errors"]) == (0, 9, 180544)
+    assert got["socket_errors"] == 9 + 180544
 
 
 def test_table_and_verdict() -> None:

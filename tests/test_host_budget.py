@@ -152,3 +152,97 @@ class TestMembers:
 )
 def test_fair_share(limit, others, own, share):
     assert fair_share(limit, others, own) == share
+
+
+class TestOneLockPerConnect:
+    """The issue's "at most one lock operation per connect": take() tries the slot it gave
+    back last first, and scans only when another process took that one."""
+
+    def test_steady_churn_costs_one_lock_attempt(self, tmp_path, holder):
+        other = holder(8, 4)  # another process holds half the budget
+        budget = HostBudget("sqlite:///t.db", 8, root=str(tmp_path))
+        held = [budget.take() for _ in range(3)]  # the fill may try the other's slots
+        assert all(slot is not None for slot in held)
+        before = budget.attempts
+        for i in range(100):  # a connection closed, another opened: 100 times
+            slot = held[i % 3]
+            assert slot is not None
+            slot.release()
+            held[i % 3] = budget.take()
+            assert held[i % 3] is not None
+        assert budget.attempts - before == 100
+        assert sorted(budget.holders()).count(other.pid) == 4
+        assert budget.in_use() == 7
+
+    def test_a_wrong_hint_falls_back_to_the_scan(self, tmp_path):
+        # two budget objects lock like two processes: flock belongs to the open file
+        a = HostBudget("sqlite:///t.db", 3, root=str(tmp_path))
+        b = HostBudget("sqlite:///t.db", 3, root=str(tmp_path))
+        first, second = a.take(), a.take()
+        assert first is not None and second is not None
+        first.release()  # a's hint: first.index
+        taken = [b.take(), b.take()]  # b gets both free slots, first.index among them
+        assert all(slot is not None for slot in taken)
+        assert first.index in {slot.index for slot in taken if slot is not None}
+        assert a.take() is None  # the hint was wrong, and the scan found nothing free
+        other = next(slot for slot in taken if slot is not None and slot.index != first.index)
+        other.release()
+        got = a.take()
+        assert got is not None and got.index == other.index  # found by the scan
+        assert b.holders().count(os.getpid()) == 3
+
+    def test_pool_reconnects_with_one_lock_attempt_each(self, tmp_path, holder, monkeypatch):
+        import anyio
+
+        import pool
+        from pool._budget import BUDGET_DIR_ENV
+        from pool._registry import target_of
+
+        monkeypatch.setenv(BUDGET_DIR_ENV, str(tmp_path))
+        url = f"sqlite:///{tmp_path / 'churn.db'}"
+        other = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, target_of("sqlite", url), "6",
+             str(tmp_path), "3", "0"],
+            stdout=subprocess.PIPE, text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        try:
+            assert other.stdout is not None and other.stdout.readline().strip() == "ready"
+
+            async def main() -> tuple[int, int]:
+                db = pool.Pool(url, host_connection_limit=6, connection_limit=3)
+                try:
+                    async def three() -> None:
+                        gate = anyio.Event()
+                        async with anyio.create_task_group() as tg:
+                            for _ in range(3):
+                                tg.start_soon(hold, gate)
+                            with anyio.fail_after(5):
+                                while db.stats().in_use < 3:
+                                    await anyio.sleep(0.001)
+                            gate.set()
+
+                    async def hold(gate: anyio.Event) -> None:
+                        async with db.acquire():
+                            await gate.wait()
+
+                    await three()  # the first fill
+                    budget = db._engine.host.budget
+                    assert budget is not None
+                    before, opened = budget.attempts, db.stats().opened
+                    for _ in range(20):
+                        await db.drain()  # the three close
+                        await three()  # and three open again
+                    assert db.stats().host_in_use == 6
+                    return budget.attempts - before, db.stats().opened - opened
+                finally:
+                    await db.disconnect()
+
+            attempts, opened = anyio.run(main)
+            assert opened == 60
+            assert attempts == opened
+        finally:
+            other.kill()
+            other.wait()
+            assert other.stdout is not None
+            other.stdout.close()

@@ -174,6 +174,35 @@ async def mariadb() -> AsyncIterator[Server]:
         admin.close()
 
 
+@asynccontextmanager
+async def mariadb_user() -> AsyncIterator[Server]:
+    """MariaDB, its sessions counted by a user of the test's own (whatever their DB)."""
+    require(MYSQL_ADMIN_URL, "MariaDB")
+    import aiomysql
+
+    user = f"budget_{uuid.uuid4().hex[:12]}"
+    admin = await aiomysql.connect(host="127.0.0.1", port=3306, user="root", db="test",
+                                   autocommit=True)
+
+    async def count() -> int:
+        async with admin.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (user,)
+            )
+            (value,) = await cur.fetchone()
+        return int(value)
+
+    async with admin.cursor() as cur:
+        await cur.execute(f"CREATE USER '{user}'@'127.0.0.1'")
+        await cur.execute(f"GRANT SELECT ON test.* TO '{user}'@'127.0.0.1'")
+    try:
+        yield Server(f"mysql://{user}@127.0.0.1:3306/test", count)
+    finally:
+        async with admin.cursor() as cur:
+            await cur.execute(f"DROP USER '{user}'@'127.0.0.1'")
+        admin.close()
+
+
 SERVERS = {"postgres": postgres, "mariadb": mariadb}
 SLEEP = {"postgres": "SELECT pg_sleep(0.01)", "mariadb": "SELECT SLEEP(0.01)"}
 
@@ -284,6 +313,35 @@ class TestAcrossProcesses:
             assert all(r["failed"] == 0 and r["done"] > 0 for r in results), results
             assert sum(r["closed_by"]["lifetime"] for r in results) > 100  # it churned
             assert max(samples) <= 4, sorted(samples)[-10:]
+
+    @pytest.mark.mysql
+    async def test_mariadb_churn_across_processes_never_exceeds_the_budget(
+        self, spawn: Any
+    ) -> None:
+        """MariaDB, where a session can outlive the client's close: 3 processes on a budget
+        of 4 close and reopen connections all the time (a 20 ms lifetime; every 150 ms a
+        drain, or a resize to 1 and back), while the server's own count of the test's own
+        user (PROCESSLIST, every 10 ms, whatever the session's DB) never exceeds 4."""
+        async with mariadb_user() as server:
+            workers = [
+                spawn("work", server.url, 4, connection_limit=3, tasks=3, seconds=3,
+                      sql="SELECT 1", lifetime=0.02, churn=0.15)
+                for _ in range(3)
+            ]
+            for w in workers:
+                await w.aline()  # ready
+            async with server.sampling() as samples:
+                results = [await w.aline() for w in workers]
+            assert all(r["failed"] == 0 and r["done"] > 0 for r in results), results
+            closed = [r["closed_by"] for r in results]
+            # it churned, in every process and by every mechanism
+            assert all(c.get("lifetime", 0) > 0 for c in closed), closed
+            assert sum(c.get("drain", 0) + c.get("resize", 0) for c in closed) > 0, closed
+            # about 150 in 3 s here: a MariaDB close holds its slot until the session is gone
+            assert sum(r["opened"] for r in results) > 90, results
+            assert len(samples) > 100, len(samples)  # about every 10 ms for 3 s
+            assert max(samples) <= 4, sorted(samples)[-10:]
+            assert max(samples) >= 2  # the budget was used, not starved
 
     @server_param
     async def test_sigkill_frees_the_share_at_once(

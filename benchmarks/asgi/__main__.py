@@ -80,8 +80,15 @@ def parse_wrk(out: str) -> dict[str, Any]:
         raise ValueError(f"no latency distribution in wrk's output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     result["non_2xx"] = int(non2xx[1]) if non2xx else 0
+    # wrk prints this line only when one is non-zero. A refused connect is counted as
+    # a *write* error (wrk connects without blocking; the refusal shows on the first
+    # write), in a tight reconnect loop: against a stopped server these are attempts,
+    # tens of thousands a second, not requests. "connect" stays 0 for a refused port.
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    result["socket_errors"] = sum(int(x) for x in sock.groups()) if sock else 0
+    kinds = [int(x) for x in sock.groups()] if sock else [0, 0, 0, 0]
+    for kind, n in zip(("connect", "read", "write", "timeout"), kinds, strict=True):
+        result[f"{kind}_errors"] = n
+    result["socket_errors"] = sum(kinds)
     return result
 
 
