@@ -742,6 +742,22 @@ trio.run(main)
 """
 
 
+_REFUSED_SCRIPT = """
+import asyncio, sys
+import pool
+
+async def main():
+    db = pool.Pool(sys.argv[1], connect_timeout=1)
+    try:
+        await db.connect()
+    except pool.ConnectError:
+        print("refused", flush=True)
+    # returns without disconnect()
+
+asyncio.run(main())
+"""
+
+
 class TestExitWithoutDisconnect:
     @pytest.mark.parametrize(
         "flags", [[], ["-W", "error"], ["-X", "dev", "-W", "error"]],
@@ -777,6 +793,32 @@ class TestExitWithoutDisconnect:
             if not (line.startswith("Executing <") and " took " in line)
         ]
         assert noise == [], done.stderr
+
+    @pytest.mark.parametrize(
+        "pg_driver",
+        [
+            "asyncpg",
+            pytest.param("psycopg", marks=pytest.mark.xfail(strict=True, reason=(
+                "pool engine: connect() refused at once (libpq fails without a round"
+                " trip) and the loop ending right after leave the upkeep's _finish_all"
+                " task never started: 'coroutine _finish_all was never awaited'"
+            ))),
+        ],
+    )
+    def test_a_refused_connect_at_the_end_of_the_loop_is_quiet(
+        self, pg_driver: str, tmp_path: Path
+    ) -> None:
+        """connect() fails (nothing listens), and the program returns without disconnect()."""
+        url = pg_url(new_tag(), pg_driver).replace(":5432/", ":1/")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("PYTHONWARNINGS", None)
+        done = subprocess.run(
+            [sys.executable, "-W", "error", "-c", textwrap.dedent(_REFUSED_SCRIPT), url],
+            capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("refused"), done.stdout
+        assert done.stderr == ""
 
     @pytest.mark.parametrize("where", ["postgres", "postgres+psycopg", "sqlite"])
     def test_a_shared_pool_serves_one_event_loop_after_another(
