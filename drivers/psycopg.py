@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import select
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -200,9 +201,27 @@ class PsycopgDriver:
             conn.pgconn.finish()
 
     def is_alive(self, conn: PsycopgConnection) -> bool:
-        # libpq reads nothing while idle: a session killed meanwhile shows at
-        # its next query (a disconnect error), as with psycopg_pool unchecked
-        return conn.pgconn.status == _OK
+        # libpq reads nothing while idle: a session the server ended meanwhile
+        # (its FATAL and end of stream wait unread on the socket) would show
+        # only at the next query. So a readable idle socket is read now, with
+        # no wait: an end of stream makes the status BAD (a NOTIFY or a notice
+        # is kept for psycopg, which collects them at its next call).
+        pgconn = conn.pgconn
+        if pgconn.status != _OK:
+            return False
+        if pgconn.transaction_status != _IDLE:
+            return True  # a query's reply is psycopg's to read
+        try:
+            # the first read takes the server's FATAL (libpq keeps it as a
+            # notice), the next one meets the end of stream
+            for _ in range(3):
+                readable, _, _ = select.select((pgconn.socket,), (), (), 0)
+                if not readable:
+                    break
+                pgconn.consume_input()
+        except (OSError, ValueError, psycopg.Error):
+            return False
+        return pgconn.status == _OK
 
     def in_transaction(self, conn: PsycopgConnection) -> bool:
         # a failed transaction too (INERROR); a query still running (ACTIVE,

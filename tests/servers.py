@@ -48,3 +48,14 @@ REPLICA_URL = os.environ.get(
 PGBOUNCER_URL = os.environ.get(
     "POOL_TEST_PGBOUNCER_URL", f"postgresql://postgres:{SECRET}@127.0.0.1:6433/test"
 )
+
+#: each database's drivers: the URL scheme of each, its default driver first
+POSTGRES_SCHEMES = {"asyncpg": "postgresql", "psycopg": "postgresql+psycopg"}
+MYSQL_SCHEMES = {"aiomysql": "mysql", "asyncmy": "mysql+asyncmy"}
+
+
+def with_driver(url: str, driver: str) -> str:
+    """``url`` (a default-driver URL) with the scheme of ``driver`` ("asyncpg", "psycopg", ...)."""
+    scheme, sep, rest = url.partition("://")
+    schemes = POSTGRES_SCHEMES if scheme.startswith("postgres") else MYSQL_SCHEMES
+    return f"{schemes[driver]}{sep}{rest}"

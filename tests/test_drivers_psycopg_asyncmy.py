@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -34,6 +35,83 @@ def _needs(url: str, module: str) -> None:
     servers.require(url.replace("+psycopg", "").replace("+asyncmy", ""), module)
 
 
+@dataclass(frozen=True)
+class MidQuery:
+    """One driver's part in the cancellation test."""
+
+    url: str
+    module: str
+    sleep: str
+    session: str
+    #: how many of the sleeps still run on the server
+    running: str
+
+
+MID_QUERY = {
+    "psycopg": MidQuery(
+        PSYCOPG_URL, "psycopg", "SELECT pg_sleep(5)", "SELECT pg_backend_pid()",
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'",
+    ),
+    "asyncmy": MidQuery(
+        ASYNCMY_URL, "asyncmy", "SELECT SLEEP(5)", "SELECT CONNECTION_ID()",
+        "SELECT COUNT(*) FROM information_schema.processlist WHERE INFO = 'SELECT SLEEP(5)'",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [
+        "psycopg",
+        pytest.param("asyncmy", marks=pytest.mark.xfail(strict=True, reason=(
+            "driver: asyncmy closes a connection whose read a cancellation cut short"
+            " (drivers/asyncmy.py says so) and sends no KILL QUERY, so each"
+            " cancellation costs the session and leaves its SLEEP(5) running on the"
+            " server (aiomysql does the same)"
+        ))),
+    ],
+)
+async def test_twenty_cancellations_mid_query_keep_the_session(driver: str) -> None:
+    """task.cancel() and a cancel scope, 20 times mid-query: same session, nothing left running."""
+    d = MID_QUERY[driver]
+    _needs(d.url, d.module)
+    async with pool.Pool(d.url, connection_limit=1) as db:
+        session = await db.fetchval(d.session)
+        try:
+            for i in range(20):
+                if i % 2:
+                    with anyio.move_on_after(0.02):
+                        await db.fetchval(d.sleep)
+                else:
+                    task = asyncio.ensure_future(db.fetchval(d.sleep))
+                    await asyncio.sleep(0.02)
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+            assert await db.fetchval(d.session) == session
+            assert await db.fetchval(d.running) == 0
+            assert db.stats().closed == 0
+        finally:
+            # what a failure left running would hold the server's sessions for 5 s
+            # more, and the next tests count those: end it
+            await _end_leftover_sleeps(db, d)
+
+
+async def _end_leftover_sleeps(db: pool.Pool[Any], d: MidQuery) -> None:
+    if d.module == "psycopg":
+        await db.fetchval(
+            "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity"
+            " WHERE query = 'SELECT pg_sleep(5)' AND pid <> pg_backend_pid()"
+        )
+        return
+    rows = await db.fetch(
+        "SELECT ID FROM information_schema.processlist WHERE INFO = 'SELECT SLEEP(5)'"
+    )
+    for (thread,) in rows:
+        await db.execute(f"KILL QUERY {int(thread)}")
+
+
 class TestPsycopg:
     async def test_queries_transactions_and_psycopg_rows(
         self, seen: Callable[[object], None]
@@ -45,28 +123,6 @@ class TestPsycopg:
             assert await db.fetch("SELECT 1, 'a'") == [(1, "a")]
             async with db.transaction() as conn:
                 assert db._driver.in_transaction(conn)
-            assert db.stats().closed == 0
-
-    async def test_twenty_cancellations_mid_query_keep_the_backend(self) -> None:
-        _needs(servers.POSTGRES_URL, "psycopg")
-        async with pool.Pool(PSYCOPG_URL, connection_limit=1) as db:
-            pid = await db.fetchval("SELECT pg_backend_pid()")
-            for i in range(20):
-                if i % 2:
-                    with anyio.move_on_after(0.02):
-                        await db.fetchval("SELECT pg_sleep(5)")
-                else:
-                    task = asyncio.ensure_future(db.fetchval("SELECT pg_sleep(5)"))
-                    await asyncio.sleep(0.02)
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
-            assert await db.fetchval("SELECT pg_backend_pid()") == pid
-            running = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'"
-            )
-            assert running == 0
             assert db.stats().closed == 0
 
     async def test_reset_session(self) -> None:

@@ -1,4 +1,8 @@
-"""PgBouncer in transaction mode in front of the test cluster (scripts/servers, port 6433)."""
+"""PgBouncer in transaction mode in front of the test cluster (scripts/servers, port 6433).
+
+Each PostgreSQL driver's prepared statements (asyncpg's statement cache,
+psycopg's prepare_threshold) break there; ``pgbouncer=true`` turns them off.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,17 @@ from tests import servers
 pytestmark = pytest.mark.asyncio
 
 TASKS, QUERIES = 200, 20
+#: each driver's query of two arguments
+SUM = {"asyncpg": "SELECT $1::int + $2::int", "psycopg": "SELECT %s::int + %s::int"}
+each_driver = pytest.mark.parametrize("pg_driver", list(servers.POSTGRES_SCHEMES))
 
 
-async def hammer(db: pool.Pool[Any]) -> tuple[int, int, int]:
+def bouncer_url(driver: str, query: str = "") -> str:
+    servers.require(servers.PGBOUNCER_URL, "PgBouncer")
+    return servers.with_driver(servers.PGBOUNCER_URL, driver) + query
+
+
+async def hammer(db: pool.Pool[Any], driver: str) -> tuple[int, int, int]:
     """200 tasks x 20 parameterised queries; (ok, errors, wrong answers)."""
     ok = errors = wrong = 0
 
@@ -24,7 +36,7 @@ async def hammer(db: pool.Pool[Any]) -> tuple[int, int, int]:
         nonlocal ok, errors, wrong
         for q in range(QUERIES):
             try:
-                value = await db.fetchval("SELECT $1::int + $2::int", t, q)
+                value = await db.fetchval(SUM[driver], t, q)
             except Exception:
                 errors += 1
             else:
@@ -40,27 +52,30 @@ async def hammer(db: pool.Pool[Any]) -> tuple[int, int, int]:
 
 
 class TestPgBouncer:
+    @each_driver
     async def test_transaction_mode_gives_zero_errors_with_pgbouncer_true(
-        self, seen: Callable[[object], None]
+        self, pg_driver: str, seen: Callable[[object], None]
     ) -> None:
-        servers.require(servers.PGBOUNCER_URL, "PgBouncer")
         db: pool.Pool[Any] = pool.Pool(
-            servers.PGBOUNCER_URL + "?pgbouncer=true", connection_limit=10
+            bouncer_url(pg_driver, "?pgbouncer=true"), connection_limit=10
         )
         seen(db)
         async with db:
-            ok, errors, wrong = await hammer(db)
+            ok, errors, wrong = await hammer(db, pg_driver)
         assert (ok, errors, wrong) == (TASKS * QUERIES, 0, 0)
 
+    @each_driver
     async def test_without_the_flag_prepared_statements_break(
-        self, seen: Callable[[object], None], capsys: pytest.CaptureFixture[str]
+        self, pg_driver: str, seen: Callable[[object], None], capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """What README reports: asyncpg's statement cache does not survive transaction mode."""
-        servers.require(servers.PGBOUNCER_URL, "PgBouncer")
-        db: pool.Pool[Any] = pool.Pool(servers.PGBOUNCER_URL, connection_limit=10)
+        """What README reports: prepared statements do not survive transaction mode."""
+        db: pool.Pool[Any] = pool.Pool(bouncer_url(pg_driver), connection_limit=10)
         seen(db)
         async with db:
-            ok, errors, wrong = await hammer(db)
+            ok, errors, wrong = await hammer(db, pg_driver)
         with capsys.disabled():
-            print(f"\nwithout pgbouncer=true: {ok} ok, {errors} errors, {wrong} wrong answers")
+            print(
+                f"\nwithout pgbouncer=true ({pg_driver}): {ok} ok, {errors} errors,"
+                f" {wrong} wrong answers"
+            )
         assert errors + wrong > 0

@@ -1,6 +1,7 @@
 """The conformance suite: the pool's guarantees on PostgreSQL, MariaDB and SQLite, for real.
 
-Each test runs on all three drivers. Counts are checked on the server itself
+Each test runs on every driver: asyncpg and psycopg on PostgreSQL, aiomysql and
+asyncmy on MariaDB, and sqlite3. Counts are checked on the server itself
 (pg_stat_activity, information_schema.processlist), not only in ``stats()``.
 """
 
@@ -18,12 +19,12 @@ import pytest_asyncio
 from anyio import wait_all_tasks_blocked
 
 import pool
-from tests.targets import Target, make_target
+from tests.targets import ALL_TARGETS, SERVER_TARGETS, Target, make_target
 
 pytestmark = pytest.mark.asyncio
 
 
-@pytest_asyncio.fixture(params=["postgres", "mysql", "sqlite"])
+@pytest_asyncio.fixture(params=ALL_TARGETS)
 async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
     t = make_target(request.param, tmp_path)
     await t.start()
@@ -33,7 +34,7 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await t.stop()
 
 
-@pytest_asyncio.fixture(params=["postgres", "mysql"])
+@pytest_asyncio.fixture(params=SERVER_TARGETS)
 async def server_target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
     """The targets with a server that can kill a session."""
     t = make_target(request.param, tmp_path)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import psutil
@@ -89,9 +90,31 @@ class FaultDB:
             assert time.monotonic() < deadline, "the killed cluster's processes do not exit"
             time.sleep(0.005)
 
-    def pool_url(self, tag: str, **params: object) -> str:
-        """The URL for a test's pool: its connections carry ``tag`` as application_name."""
-        return f"{self.url}?{urlencode({'application_name': tag, **params})}"
+    def pool_url(self, tag: str, driver: str = "asyncpg", **params: object) -> str:
+        """The URL for a test's pool: its connections carry ``tag`` as application_name.
+
+        ``driver`` picks the PostgreSQL driver (``asyncpg``, ``psycopg``) by the scheme.
+        """
+        query = urlencode({"application_name": tag, **params})
+        return servers.with_driver(f"{self.url}?{query}", driver)
+
+
+@pytest.fixture(params=list(servers.POSTGRES_SCHEMES))
+def pg_driver(request: pytest.FixtureRequest) -> str:
+    """Each PostgreSQL driver in turn: the fault tests hold for all of them."""
+    return str(request.param)
+
+
+def placeholder(driver: str) -> str:
+    """The first argument's placeholder in ``driver``'s SQL."""
+    return "%s" if driver == "psycopg" else "$1"
+
+
+def backend_pid(conn: Any) -> int:
+    """The backend pid of a lent connection, as its driver knows it (no round trip)."""
+    if hasattr(conn, "get_server_pid"):  # asyncpg
+        return int(conn.get_server_pid())
+    return int(conn.info.backend_pid)  # psycopg
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,11 @@ LOOPS = ("asyncio", "uvloop")
 #: trust auth ignores the password; it is there so that the secrets checks cover these tests
 SECRET = servers.SECRET
 TABLE = "ha_writes"
-INSERT = f"INSERT INTO {TABLE} (id) VALUES ($1) RETURNING inet_server_port()"
+#: the write, in each PostgreSQL driver's placeholders
+INSERT = {
+    driver: f"INSERT INTO {TABLE} (id) VALUES ({mark}) RETURNING inet_server_port()"
+    for driver, mark in (("asyncpg", "$1"), ("psycopg", "%s"))
+}
 
 T = TypeVar("T")
 
@@ -64,7 +68,9 @@ def node_url(port: int, **params: object) -> str:
     return f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/postgres{query}"
 
 
-def multi_url(tag: str, hosts: tuple[int, ...] = (FIRST, SECOND), **params: object) -> str:
+def multi_url(
+    tag: str, hosts: tuple[int, ...] = (FIRST, SECOND), driver: str = "asyncpg", **params: object
+) -> str:
     """The pool's URL: every node, the read-write one wanted (as the issue's example)."""
     settings: dict[str, object] = {
         "target_session_attrs": "read-write",
@@ -75,7 +81,8 @@ def multi_url(tag: str, hosts: tuple[int, ...] = (FIRST, SECOND), **params: obje
     }
     settings.update(params)
     netloc = ",".join(f"127.0.0.1:{port}" for port in hosts)
-    return f"postgresql://postgres:{SECRET}@{netloc}/postgres?{urlencode(settings)}"
+    url = f"postgresql://postgres:{SECRET}@{netloc}/postgres?{urlencode(settings)}"
+    return servers.with_driver(url, driver)
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class Write:
     #: when the pool lent the connection (nan: it lent none)
     lent_at: float
     ended: float
-    #: the server the lent connection was on (asyncpg's address); None: no connection
+    #: the server the lent connection was on (the driver's host_of); None: no connection
     port: int | None
     #: what ``inet_server_port()`` returned: the insert committed there
     server_port: int | None
@@ -316,13 +323,19 @@ WRITERS = 100
 
 
 async def writes_through_failover(
-    cluster: HACluster, how: str, loop: str, *, seen: Callable[[object], None] | None = None
+    cluster: HACluster,
+    how: str,
+    loop: str,
+    *,
+    driver: str = "asyncpg",
+    seen: Callable[[object], None] | None = None,
 ) -> WriteRun:
     """100 tasks insert unique ids through a multi-host pool while the cluster fails over."""
     started = time.monotonic()
     await fresh_table(FIRST)
     tag = new_tag()
-    db: pool.Pool[Any] = pool.Pool(multi_url(tag))
+    db: pool.Pool[Any] = pool.Pool(multi_url(tag, driver=driver))
+    insert = INSERT[driver]
     if seen is not None:
         seen(db)
     ids = itertools.count(1)
@@ -338,8 +351,8 @@ async def writes_through_failover(
             try:
                 async with db.acquire() as conn:
                     lent_at = time.time()
-                    port = int(conn._addr[1])
-                    server_port = await conn.fetchval(INSERT, i)
+                    port = int(db._driver.host_of(conn).rpartition(":")[2])
+                    server_port = await db._driver.fetchval(conn, insert, (i,))
             except Exception as exc:
                 writes.append(Write(i, began, lent_at, time.time(), port, None, exc))
                 # a client pauses before it retries: a failure returns at once

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import psutil
+import psycopg
 
 import pool
 from tests.targets import eventually
@@ -18,11 +19,13 @@ if TYPE_CHECKING:
 #: what a query may raise when its backend is killed or the server goes away:
 #: the driver's own errors, never the pool's. asyncpg raises InternalClientError
 #: ("another operation (2) is in progress") for a query sent on a connection that
-#: has read the server's FATAL but not yet its end of stream.
+#: has read the server's FATAL but not yet its end of stream. psycopg raises
+#: its OperationalError (a SQLSTATE 57P01, or none for a lost socket).
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
+    psycopg.Error,
     ConnectionError,
     OSError,
 )

@@ -3,7 +3,8 @@
 ``scripts/hacluster`` runs a primary on 5440 and a streaming hot standby on
 5441. Each test resets it to that state first (bounded), then fails it over
 under a pool built from a multi-host URL with ``target_session_attrs=read-write``.
-Every scenario runs twice: on plain asyncio and on uvloop. Under CI a cluster
+Every scenario runs twice: on plain asyncio and on uvloop; the writes through
+a switchover and a crash run on psycopg too (on asyncio). Under CI a cluster
 that cannot be built fails the tests; elsewhere it skips them.
 """
 
@@ -52,6 +53,14 @@ def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+#: the writes through a failover: asyncpg on each loop, and psycopg (asyncio only)
+each_write_run = pytest.mark.parametrize(
+    ("loop", "pg_driver"),
+    [*((loop, "asyncpg") for loop in ha.LOOPS), ("asyncio", "psycopg")],
+    ids=[*ha.LOOPS, "psycopg-asyncio"],
+)
+
+
 def check_failures(run: ha.WriteRun) -> None:
     """Only the driver's errors or ConnectError; nothing waited out pool_timeout."""
     for w in run.writes:
@@ -81,12 +90,14 @@ def check_pool_on_the_new_primary(run: ha.WriteRun) -> None:
 
 
 class TestFailover:
+    @each_write_run
     def test_switchover_loses_no_acknowledged_write_and_resumes_within_a_second(
-        self, fresh: ha.HACluster, loop: str, seen: Callable[[object], None]
+        self, fresh: ha.HACluster, loop: str, pg_driver: str, seen: Callable[[object], None]
     ) -> None:
-        run = ha.run_on(loop, lambda: ha.writes_through_failover(fresh, "switchover", loop,
-                                                                  seen=seen))
-        print(f"\nswitchover on {loop}: {run.summary()}")
+        run = ha.run_on(loop, lambda: ha.writes_through_failover(
+            fresh, "switchover", loop, driver=pg_driver, seen=seen
+        ))
+        print(f"\nswitchover on {loop} ({pg_driver}): {run.summary()}")
         assert run.failover.script_seconds < 2.0, "the switchover itself took too long"
         assert len(run.acked) > 1000
         assert not run.lost, f"{len(run.lost)} acknowledged write(s) missing on the new primary"
@@ -96,13 +107,16 @@ class TestFailover:
         assert run.unavailability <= 1.0, run.summary()
         check_pool_on_the_new_primary(run)
 
+    @each_write_run
     def test_crash_resumes_within_a_second_of_the_promotion(
-        self, fresh: ha.HACluster, loop: str, seen: Callable[[object], None]
+        self, fresh: ha.HACluster, loop: str, pg_driver: str, seen: Callable[[object], None]
     ) -> None:
-        run = ha.run_on(loop, lambda: ha.writes_through_failover(fresh, "crash", loop, seen=seen))
+        run = ha.run_on(loop, lambda: ha.writes_through_failover(
+            fresh, "crash", loop, driver=pg_driver, seen=seen
+        ))
         # Replication is asynchronous: a write acknowledged by the killed primary
         # just before the kill may never have reached the standby. Reported, not judged.
-        print(f"\ncrash on {loop}: {run.summary()}")
+        print(f"\ncrash on {loop} ({pg_driver}): {run.summary()}")
         assert len(run.acked) > 1000
         assert run.duplicates == 0
         check_failures(run)
