@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.abc
+import anyio.lowlevel
 
 from . import _diagnosis, _hostlimit
 from ._conn import BUSY, Conn
@@ -155,18 +155,38 @@ async def _run(ref: weakref.ref[Upkeep]) -> None:
     try:
         with scope:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_finish_all, ref, tg)
+                # No child task in the first step: a task group's child created
+                # as the event loop ends (a program that returns right after
+                # its first use of the pool, a refused connect()) is cancelled
+                # before it ever runs, and anyio leaves its coroutine "never
+                # awaited". The work handed over wakes this loop instead, and
+                # the host budget's part starts one step later.
+                await anyio.lowlevel.checkpoint()
                 if host_ref is not None:
                     tg.start_soon(_hostlimit.run, host_ref, tg)
+                next_tick = anyio.current_time() + tick
                 while True:
-                    await anyio.sleep(tick)
                     upkeep = ref()
-                    if upkeep is None:  # the pool was collected
+                    wakeup = upkeep._wakeup if upkeep is not None else None
+                    if wakeup is None:
+                        return  # collected, or forgotten (after a fork)
+                    del upkeep  # not held while it sleeps
+                    with anyio.move_on_after(max(0.0, next_tick - anyio.current_time())):
+                        await wakeup.wait()
+                    upkeep = ref()
+                    if upkeep is None or upkeep._wakeup is not wakeup:
                         return
-                    try:
-                        await upkeep.once()
-                    except Exception:  # upkeep must never take the pool down
-                        logger.exception("pool upkeep failed; it will run again")
+                    if wakeup.is_set():
+                        # each piece of work handed over, in a task of its own
+                        upkeep._wakeup = anyio.Event()
+                        while upkeep._pending:
+                            tg.start_soon(_finish, *upkeep._pending.popleft())
+                    if anyio.current_time() >= next_tick:
+                        next_tick = anyio.current_time() + tick
+                        try:
+                            await upkeep.once()
+                        except Exception:  # upkeep must never take the pool down
+                            logger.exception("pool upkeep failed; it will run again")
                     del upkeep
     finally:
         done.set()
@@ -177,24 +197,6 @@ async def _run(ref: weakref.ref[Upkeep]) -> None:
             # tasks), or the upkeep died. No disconnect() will come: close
             # every connection now, while the loop still runs.
             upkeep._engine.loop_ended("The event loop this pool ran on ended")
-
-
-async def _finish_all(ref: weakref.ref[Upkeep], tg: anyio.abc.TaskGroup) -> None:
-    """Each piece of work handed over, in a task of its own."""
-    while True:
-        upkeep = ref()
-        wakeup = upkeep._wakeup if upkeep is not None else None
-        if wakeup is None:
-            return
-        del upkeep  # not held while it sleeps
-        await wakeup.wait()
-        upkeep = ref()
-        if upkeep is None or upkeep._wakeup is not wakeup:
-            return  # collected, or forgotten (stopped, or the parent's after a fork)
-        upkeep._wakeup = anyio.Event()
-        while upkeep._pending:
-            tg.start_soon(_finish, *upkeep._pending.popleft())
-        del upkeep
 
 
 async def _finish(work: Callable[[], Awaitable[None]], fallback: Callable[[], None]) -> None:
