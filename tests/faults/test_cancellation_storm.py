@@ -239,7 +239,9 @@ class TestCancellationStorm:
         s = db.stats()
         seen(s)
         assert (s.in_use, s.waiting, s.opening, s.busy) == (0, 0, 0, 0), s
-        assert 0 < s.size == s.idle <= LIMIT, s
+        # (none left is no fault: they live 0.3 s, and a recovery that took
+        # longer on a loaded machine let the upkeep close every idle one)
+        assert s.size == s.idle <= LIMIT, s
         # Every connection the pool keeps is one the server sees, and no other.
         # Compared with the pool's size at each look, not with the snapshot
         # above: connections live 0.3 s, so the upkeep keeps closing expired
