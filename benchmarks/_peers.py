@@ -735,6 +735,7 @@ class _AiosqliteBase(Subject):
     package = "aiosqlite"
     modules = ("aiosqlite",)
     schemes = frozenset({"sqlite"})
+    driver_name = "aiosqlite"
     has_timeout = False
     #: like-for-like: isolation_level=None (no implicit BEGIN, so no commit() to
     #: send) and execute_fetchall (one trip to the connection's thread per read)
@@ -775,7 +776,6 @@ class AiosqlitePerTask(_AiosqliteBase):
     """No pool: each unit of work opens its own aiosqlite connection and closes it."""
 
     name = "aiosqlite/task"
-    driver_name = "aiosqlite"
     # W3 and W4 ask how a pool grants its connections; here nothing is granted
     applies = frozenset({"W1", "W2", "RW"})
     note = (
@@ -993,7 +993,7 @@ def subjects_for(
     # A URL that names its driver (postgresql+psycopg://) asks for like for
     # like: the peers lending that driver's connections, when there are some.
     named = url.split("://", 1)[0].lower().partition("+")[2]
-    same = {p for p in PEERS if scheme in p.schemes and p.driver_name == named}
+    same = {p for p in PEERS if named and scheme in p.schemes and p.driver_name == named}
     for peer in PEERS:
         if scheme not in peer.schemes or peer.style not in styles:
             continue
