@@ -100,6 +100,22 @@ class MySQLBase:
         raise NotImplementedError
 
     async def connect(self) -> Any:
+        return await self._connect(None)
+
+    async def connect_watching(self, watch: Callable[[int], None]) -> Any:
+        """``connect()``; a connect cut short tells ``watch`` of its socket before closing it.
+
+        For host_connection_limit: the server lists a session from its TCP
+        accept on, and still for a while after the client let go. Neither
+        library shows a socket before its handshake ends; a connection class
+        with ``_pool_watch`` (aiomysql's, here) hands its socket to ``watch``
+        when it is closed mid-connect (aiomysql closes it itself when a read is
+        cancelled), so the pool still sees the server drop the session before
+        the slot is given back.
+        """
+        return await self._connect(watch)
+
+    async def _connect(self, watch: Callable[[int], None] | None) -> Any:
         # The Connection is built here and then connected, so that we hold it
         # if we are cancelled mid-handshake and can close its socket (neither
         # library cleans up after a cancellation).
@@ -107,12 +123,17 @@ class MySQLBase:
         if self.password_provider is not None:  # asked at each connect, kept by nobody
             kwargs = {**kwargs, "password": await resolve_password(self.password_provider)}
         conn = self._connection_class(**kwargs)
+        watched = watch is not None and hasattr(conn, "_pool_watch")
+        if watched:
+            conn._pool_watch = watch
         try:
             with anyio.fail_after(self._connect_timeout):
                 await self._handshake(conn)
         except BaseException:
             conn.close()
             raise
+        if watched:
+            conn._pool_watch = None  # connected: the pool watches it from now on (socket_of)
         return conn
 
     async def close(self, conn: Connection) -> None:

@@ -75,7 +75,8 @@ Quirks smoothed over here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import aiomysql
@@ -125,7 +126,28 @@ class QuietCursor(aiomysql.Cursor):  # type: ignore[misc]  # aiomysql is untyped
         return None
 
 
-class TLSOnlyConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql is untyped
+class WatchedConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql is untyped
+    """aiomysql's ``Connection``, telling ``_pool_watch`` of its socket when closed mid-connect.
+
+    Set by the driver's ``connect_watching`` for host_connection_limit: aiomysql
+    closes the socket itself when a handshake read is cancelled, before the
+    driver gets control back, so the socket is handed over here, just before.
+    """
+
+    _pool_watch: Callable[[int], None] | None = None
+
+    def close(self) -> None:
+        watch, self._pool_watch = self._pool_watch, None
+        writer = self._writer
+        if watch is not None and writer is not None:
+            sock = writer.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(Exception):  # the budget must not break a close
+                    watch(sock.fileno())
+        super().close()
+
+
+class TLSOnlyConnection(WatchedConnection):
     """aiomysql's connection, refusing a server that offers no TLS (sslmode=require).
 
     The check sits just before authentication: the point where aiomysql would
@@ -147,7 +169,7 @@ class MySQLDriver(MySQLBase):
     (With ``sslmode=require``, :class:`TLSOnlyConnection`, a subclass of it.)
     """
 
-    _plain_connection = aiomysql.Connection
+    _plain_connection = WatchedConnection
     _tls_connection = TLSOnlyConnection
 
     async def _handshake(self, conn: Connection) -> None:

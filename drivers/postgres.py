@@ -98,10 +98,11 @@ noise from inside asyncpg, nothing leaks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import ssl as ssl_module
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -209,6 +210,39 @@ def _quiet_cancelled_tls_negotiation() -> None:
 _quiet_cancelled_tls_negotiation()
 
 
+class _WatchingLoop:
+    """The running loop as asyncpg sees it during ``connect_watching``: it reports sockets.
+
+    Every attribute is the real loop's, except ``create_connection`` and
+    ``create_unix_connection``, which pass each new transport's socket to
+    ``watch`` right after the TCP (or Unix) connect, before the startup
+    message: from then on the server may list a backend for it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, watch: Callable[[int], None]) -> None:
+        self._loop = loop
+        self.watch: Callable[[int], None] | None = watch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    def _seen(self, transport: asyncio.BaseTransport) -> None:
+        watch = self.watch
+        sock = transport.get_extra_info("socket")
+        if watch is not None and sock is not None:
+            watch(sock.fileno())
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await self._loop.create_connection(*args, **kwargs)
+        self._seen(transport)
+        return transport, protocol
+
+    async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await self._loop.create_unix_connection(*args, **kwargs)
+        self._seen(transport)
+        return transport, protocol
+
+
 class PostgresDriver:
     """The adapter. Its connection type is asyncpg's own ``Connection``."""
 
@@ -257,10 +291,37 @@ class PostgresDriver:
         return {**self._connect_kwargs, "password": await resolve_password(self.password_provider)}
 
     async def connect(self) -> Connection:
+        return await self._connect({})
+
+    async def connect_watching(self, watch: Callable[[int], None]) -> Connection:
+        """``connect()``, calling ``watch(fd)`` for each socket as soon as it is connected.
+
+        For host_connection_limit: a connect abandoned mid-handshake (cancelled,
+        its deadline passed) leaves a backend that the server lists until it
+        reads our end of stream, and asyncpg shows no socket before it returns.
+        So asyncpg gets the running loop behind a thin wrapper (its documented
+        ``loop=`` argument) that reports every ``create_connection`` it makes.
+        """
+        loop = asyncio.get_running_loop()
+        watching = _WatchingLoop(loop, watch)
+        try:
+            conn = await self._connect({"loop": watching})
+        finally:
+            watching.watch = None  # a later query cancel's own connection is not ours to watch
+        # The connection keeps the loop it was made with; it gets the real one
+        # back (asyncio.current_task(loop) looks a loop up by identity). Its
+        # protocol keeps the wrapper, which passes every call through.
+        with contextlib.suppress(AttributeError):
+            conn._loop = loop
+            conn._stmt_cache._loop = loop
+        return conn
+
+    async def _connect(self, extra: dict[str, Any]) -> Connection:
         kwargs = await self._kwargs()
         if self._target is None:
             return await asyncpg.connect(
                 **kwargs,
+                **extra,
                 statement_cache_size=self.statement_cache_size,
                 # asyncpg mutates nothing here, but a fresh dict per connection
                 # keeps that an assumption we do not have to make
@@ -270,7 +331,7 @@ class PostgresDriver:
         return await connect_first(
             self._hosts,
             wanted=f"target_session_attrs={target}",
-            connect=functools.partial(self._connect_host, kwargs),
+            connect=functools.partial(self._connect_host, {**kwargs, **extra}),
             judge=self._judge,
             fallback=self._any_role if target == "prefer-standby" else None,
             discard=self.close,

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import select
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -120,6 +121,27 @@ class PsycopgConnection(psycopg.AsyncConnection[Any]):
     #: the generator of a query cut short by a cancellation, for recover()
     _pool_pending: Any = None
 
+    @classmethod
+    def _connect_gen(cls, conninfo: str = "") -> Any:
+        """psycopg's connect generator, telling ``_WATCH`` of each socket it waits on.
+
+        libpq makes the socket inside ``connect_start`` and psycopg shows it only
+        in what this generator yields; ``connect_watching`` needs it before the
+        handshake ends (see there).
+        """
+        gen = super()._connect_gen(conninfo)
+        watch = _WATCH.get()
+        if watch is None:
+            return (yield from gen)
+        try:
+            fileno, wait = next(gen)
+            while True:
+                watch(fileno)  # each time: libpq may move to another address's socket
+                ready = yield fileno, wait
+                fileno, wait = gen.send(ready)
+        except StopIteration as done:
+            return done.value
+
     async def wait(
         self, gen: Any, interval: float = _WAIT_INTERVAL, timeout: float | None = None
     ) -> Any:
@@ -131,6 +153,12 @@ class PsycopgConnection(psycopg.AsyncConnection[Any]):
             if self.pgconn.transaction_status == _ACTIVE:
                 self._pool_pending = gen
             raise
+
+
+#: set by ``connect_watching`` for the connecting task: told each socket of the connect
+_WATCH: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "pool_psycopg_watch", default=None
+)
 
 
 class PsycopgDriver:
@@ -172,6 +200,27 @@ class PsycopgDriver:
 
     def __repr__(self) -> str:
         return f"<PsycopgDriver {self._display_url}>"
+
+    async def connect_watching(self, watch: Callable[[int], None]) -> PsycopgConnection:
+        """``connect()``, calling ``watch(fd)`` for each socket libpq waits on, from its first.
+
+        For host_connection_limit: a connect abandoned mid-handshake leaves a
+        backend that the server lists until it reads our end of stream, and
+        psycopg leaves the abandoned libpq connection (its socket open) to the
+        garbage collector: the pool ends that session itself, on the socket.
+        """
+        token = _WATCH.set(watch)
+        try:
+            return await self.connect()
+        finally:
+            _WATCH.reset(token)
+
+    def socket_of(self, conn: PsycopgConnection) -> int:
+        """The connection's socket descriptor (-1: unknown), for host_connection_limit."""
+        try:
+            return int(conn.pgconn.socket)
+        except psycopg.OperationalError:  # already closed
+            return -1
 
     async def connect(self) -> PsycopgConnection:
         conninfo = self._conninfo

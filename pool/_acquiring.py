@@ -390,6 +390,7 @@ class Acquiring(Generic[C]):
         connect_started = connected = 0.0
         host = self.host
         seat: Seat | None = None
+        watching = None if host is None else host.connect_watching
         # The waiter has no cancel scope of its own around this: this one holds its deadline.
         scope = anyio.CancelScope(deadline=deadline)
         waiter.opening = scope
@@ -402,7 +403,12 @@ class Acquiring(Generic[C]):
                         seat = await host.take()
                     with anyio.fail_after(self.connect_timeout):
                         connect_started = time.monotonic()
-                        raw = await self.driver.connect()
+                        if seat is not None and watching is not None:
+                            # each socket is watched from its TCP connect on: cut
+                            # short mid-handshake, its backend is still seen go
+                            raw = await watching(seat.watch)
+                        else:
+                            raw = await self.driver.connect()
                         if seat is not None:
                             host.attach(seat, raw)  # type: ignore[union-attr]
                         if self.hooks.configure is not None:

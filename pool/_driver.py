@@ -70,6 +70,23 @@ class Driver(Protocol[C]):
         Prisma code: ``"auth"`` P1000 (credentials refused), ``"database"``
         P1003 (no such database), ``"timeout"`` P1002; None (or absent) P1001,
         except that a ``TimeoutError`` is always P1002.
+
+    For ``host_connection_limit`` (a slot is given back only once the server
+    dropped the session, which the pool sees as the end of stream on a
+    duplicate of the connection's socket):
+
+    ``socket_of(conn) -> int``
+        the connection's socket descriptor, -1 when unknown. Absent: a slot is
+        given back as soon as the connection is closed.
+    ``session_linger: float``
+        seconds the server may still list a session after it closed its
+        socket (MariaDB); 0 when the server's end of stream means it is gone.
+    ``connect_watching(watch) -> conn``
+        ``connect()``, calling ``watch(fd)`` for each socket the connect makes
+        (as soon as it is connected, or at least before the driver closes it
+        when the connect is cut short), so that a connect abandoned
+        mid-handshake keeps its slot until the server dropped its backend.
+        Absent: such a connect gives its slot back at once.
     """
 
     #: the canonical scheme, e.g. ``"postgresql"``; used in log lines

@@ -10,10 +10,14 @@ this module ties one pool to it:
   once the server has dropped the session: the connection's socket was
   duplicated at connect, so after the driver's close (or terminate) this
   module sends FIN on the duplicate and reads it until the server's EOF,
-  bounded by ``LINGER``. A MySQL server can list a session for a while after
-  the client let go; a slot given back before then would let the server's
-  count exceed the budget. That wait runs in the upkeep (a close in the ledger
-  is synchronous), or at the end of ``disconnect()``.
+  bounded by ``LINGER``. A driver with ``connect_watching`` shows each socket
+  from its TCP connect on (:meth:`Seat.watch`), so a connect abandoned or
+  failed mid-handshake, whose backend the server may already list, holds its
+  slot the same way; without it, such a slot goes back at once. A MySQL
+  server can list a session for a while after the client let go; a slot
+  given back before then would let the server's count exceed the budget.
+  That wait runs in the upkeep (a close in the ledger is synchronous), or at
+  the end of ``disconnect()``.
 * **Every** ``TICK`` the upkeep publishes this pool's record and, while
   another pool below its fair share starves with no slot free, sheds what
   this pool holds above its own share: idle connections close at once, lent
@@ -35,7 +39,7 @@ import socket
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -61,13 +65,59 @@ LINGER: Final = 2.0
 
 
 class Seat:
-    """The slot one connection pays with, and a duplicate of its socket (None on SQLite)."""
+    """The slot one connection pays with, and duplicates of its socket(s) (none on SQLite).
 
-    __slots__ = ("slot", "sock")
+    Usually one socket. A connect can make more than one (libpq moving to the
+    next address, a host of a list that is not the one wanted): each one may
+    have a backend on the server, so each is watched until the connect is over.
+    """
+
+    __slots__ = ("inodes", "slot", "socks")
 
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
-        self.sock: socket.socket | None = None
+        self.socks: list[socket.socket] = []
+        #: the socket inode of each of ``socks``: one socket is watched once
+        self.inodes: list[int] = []
+
+    def watch(self, fd: int) -> None:
+        """The driver connected ``fd`` for this seat (its handshake may still run): keep a dup.
+
+        Called by the driver's ``connect_watching``, so that a connect abandoned
+        mid-handshake still has a socket to end and to see go (see ``free``).
+        """
+        try:
+            inode = os.fstat(fd).st_ino
+            if inode in self.inodes:
+                return
+            sock = socket.socket(fileno=os.dup(fd))
+            sock.setblocking(False)
+        except (OSError, ValueError):
+            logger.debug("no socket to watch for the host budget", exc_info=True)
+            return
+        self.socks.append(sock)
+        self.inodes.append(inode)
+
+    def keep_only(self, fd: int) -> None:
+        """The connect is done, on ``fd``: stop watching its other sockets (ending them).
+
+        The driver closed those already; our duplicate would keep each open, its
+        backend waiting for an end of stream that never comes.
+        """
+        try:
+            inode = os.fstat(fd).st_ino
+        except OSError:
+            inode = -1
+        kept: list[socket.socket] = []
+        for sock, ino in zip(self.socks, self.inodes, strict=True):
+            if ino == inode:
+                kept.append(sock)
+                continue
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            sock.close()
+        self.socks = kept
+        self.inodes = [inode] if kept else []
 
     def forget(self) -> None:
         """In a forked child: close our copies, telling neither the server nor the lock.
@@ -75,8 +125,8 @@ class Seat:
         ``close()`` of a descriptor drops a flock only when it is the last one
         on its open file description: the parent's stays, and holds the slot.
         """
-        sock, self.sock = self.sock, None
-        if sock is not None:
+        socks, self.socks, self.inodes = self.socks, [], []
+        for sock in socks:
             # close(), never shutdown(): that would end the parent's session too
             with contextlib.suppress(OSError):
                 os.close(sock.detach())
@@ -94,6 +144,10 @@ class HostLimit:
         self.budget: HostBudget | None = None
         self.member: Member | None = None
         self.socket_of: Callable[[Any], int] | None = getattr(engine.driver, "socket_of", None)
+        #: the driver's connect that shows each socket before the handshake ends (optional)
+        self.connect_watching: Callable[[Callable[[int], None]], Awaitable[Any]] | None = (
+            getattr(engine.driver, "connect_watching", None)
+        )
         #: how long the server may still list a session after it closed its socket
         #: (the driver says: MariaDB unlinks the session after closing it)
         self.after_eof = float(getattr(engine.driver, "session_linger", 0.0))
@@ -179,12 +233,14 @@ class HostLimit:
             return
         try:
             fd = self.socket_of(raw)
-            if fd >= 0:
-                sock = socket.socket(fileno=os.dup(fd))
-                sock.setblocking(False)
-                seat.sock = sock
         except (OSError, AttributeError, TypeError, ValueError):
             logger.debug("no socket to watch for the host budget", exc_info=True)
+            fd = -1
+        if fd < 0:
+            return
+        seat.keep_only(fd)
+        if not seat.socks:  # a driver without connect_watching: watched from now on
+            seat.watch(fd)
 
     def closed(self, rec: Conn) -> None:
         """The ledger closed ``rec`` (its ``free_seat``): its slot goes back once it is gone."""
@@ -193,17 +249,21 @@ class HostLimit:
             self.free(seat)
 
     def free(self, seat: Seat) -> None:
-        """A connection on ``seat`` is closed: give the slot back once the server let go."""
+        """A connection on ``seat`` is closed, or its connect abandoned or failed: give the
+        slot back once the server let go of every socket the connect made."""
         self.held -= 1
-        sock = seat.sock
-        if sock is None:
+        socks = seat.socks
+        if not socks:
             seat.slot.release()
             return
-        # Our duplicate keeps the socket open: end it ourselves (after the
-        # driver's own close, which sent its goodbye first).
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        if not self.after_eof and _gone(sock):
+        # Our duplicates keep the sockets open: end them ourselves (after the
+        # driver's own close, which sent its goodbye first). A connect cut short
+        # mid-handshake has its backend end here too: the server then reads our
+        # end of stream, and we its own once the backend exited.
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+        if not self.after_eof and _all_gone(seat):
             self._give_back(seat)
             return
         self.pending.append((seat, time.monotonic() + LINGER))
@@ -214,8 +274,8 @@ class HostLimit:
 
     @staticmethod
     def _give_back(seat: Seat) -> None:
-        sock, seat.sock = seat.sock, None
-        if sock is not None:
+        socks, seat.socks, seat.inodes = seat.socks, [], []
+        for sock in socks:
             sock.close()
         seat.slot.release()
 
@@ -229,11 +289,11 @@ class HostLimit:
         gone: list[Seat] = []
         while pending:
             seat, until = pending[0]
-            sock = seat.sock
             left = until - time.monotonic()
-            if sock is not None and left > 0 and not _gone(sock):
+            waiting = [sock for sock in seat.socks if not _gone(sock)] if left > 0 else []
+            if waiting:
                 with contextlib.suppress(OSError, ValueError):
-                    select.select([sock], [], [], min(left, 0.05))
+                    select.select(waiting, [], [], min(left, 0.05))
                 continue
             gone.append(pending.popleft()[0])
         if gone and self.after_eof:
@@ -242,12 +302,12 @@ class HostLimit:
             self._give_back(seat)
 
     async def _linger(self, seat: Seat, until: float) -> None:
-        sock = seat.sock
         done = False
         try:
             with anyio.move_on_after(max(0.0, until - time.monotonic())):
-                while sock is not None and not _gone(sock):
-                    await anyio.wait_readable(sock)
+                for sock in seat.socks:
+                    while not _gone(sock):
+                        await anyio.wait_readable(sock)
             if self.after_eof:
                 await anyio.sleep(self.after_eof)
             done = True
@@ -331,6 +391,12 @@ class HostLimit:
             f"The machine's host_connection_limit={self.limit} for {self.target} was used up: "
             f"{len(holders)} slot(s) held, by pid(s) {who}."
         )
+
+
+def _all_gone(seat: Seat) -> bool:
+    """Has the server closed every socket of ``seat``? (each one read, none waited for)"""
+    gone = [_gone(sock) for sock in seat.socks]  # all read: none left with unread data
+    return all(gone)
 
 
 def _gone(sock: socket.socket) -> bool:

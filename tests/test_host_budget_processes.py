@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -27,6 +28,7 @@ import pytest
 import pool
 from pool._budget import BUDGET_DIR_ENV, HostBudget
 from pool._registry import target_of
+from tests.latency_proxy import latency_proxy
 from tests.servers import MYSQL_ADMIN_URL, POSTGRES_URL, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,6 +223,14 @@ async def _settle_to(server: Server, expected: int, within: float) -> float:
     return time.monotonic() - began
 
 
+async def _sampled(samples: list[int], expected: int, within: float) -> None:
+    """Until the sampler's latest count is ``expected`` (fails after ``within``)."""
+    began = time.monotonic()
+    while not samples or samples[-1] != expected:
+        assert time.monotonic() - began < within, f"{samples[-1:]} sessions, not {expected}"
+        await anyio.sleep(0.005)
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -393,6 +403,90 @@ class TestAcrossProcesses:
             assert f"{holder.pid} (3)" in message
             assert "Hunter2" not in message
             assert await server.count() == 3
+
+
+@pytest.mark.anyio
+class TestAbandonedHandshakes:
+    """A connect abandoned mid-handshake: its slot waits for the server to drop the session."""
+
+    @pytest.mark.parametrize("kind, scheme", [
+        pytest.param("postgres", "postgresql", marks=pytest.mark.postgres, id="asyncpg"),
+        pytest.param("postgres", "postgresql+psycopg", marks=pytest.mark.postgres,
+                     id="psycopg"),
+        pytest.param("mariadb", "mysql", marks=pytest.mark.mysql, id="aiomysql"),
+    ])
+    async def test_cancelled_connects_keep_their_slots_until_the_server_drops_them(
+        self, kind: str, scheme: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """N connects go through a relay that delays every byte by 100 ms; once the server
+        lists all N sessions (their handshakes still under way for the client), the
+        callers are cancelled, and a stand-in for another process's pool takes each slot
+        the moment it is free and connects directly. The server's own count (every 10 ms)
+        never exceeds N: a slot comes back only when the abandoned session is gone.
+        (Before: the slots came back at the cancellation, and the server saw 2N.)"""
+        limit, delay = 4, 0.1
+        root = tmp_path / "budgets"
+        monkeypatch.setenv(BUDGET_DIR_ENV, str(root))
+        opened = postgres() if kind == "postgres" else mariadb_user()
+        async with opened as server:
+            parts = urlsplit(server.url)
+            user, _, where = parts.netloc.rpartition("@")
+            host, _, port = where.partition(":")
+            async with latency_proxy(host, int(port), delay=delay) as proxy:
+                relayed = urlunsplit(
+                    parts._replace(scheme=scheme, netloc=f"{user}@127.0.0.1:{proxy.port}")
+                )
+                await self._cancel_and_take(server, relayed, scheme, limit, root)
+
+    @staticmethod
+    async def _cancel_and_take(
+        server: Server, relayed: str, scheme: str, limit: int, root: Any
+    ) -> None:
+        budget = HostBudget(target_of(scheme, relayed), limit, root=str(root))
+        # one pool per connect: a pool's slow start opens one at a time at first
+        dbs = [pool.Pool(relayed, host_connection_limit=limit, connection_limit=1,
+                         connect_timeout=30, pool_timeout=30) for _ in range(limit)]
+        takers: list[pool.Pool[Any]] = []  # each holds one slot and one direct connection
+        slots: list[Any] = []
+
+        async def take_freed() -> None:
+            # another process's pool, reduced to the budget's protocol: a slot,
+            # then a connect (direct: its session shows up within milliseconds)
+            while len(slots) < limit:
+                slot = budget.take()
+                if slot is None:
+                    await anyio.sleep(0.001)
+                    continue
+                slots.append(slot)
+                taker = pool.Pool(server.url, connection_limit=1)
+                takers.append(taker)
+                await taker.fetchval("SELECT 1")  # its connection stays open, idle
+
+        try:
+            async with server.sampling() as samples:
+                async with anyio.create_task_group() as callers:
+                    for db in dbs:
+                        callers.start_soon(db.fetchval, "SELECT 1")
+                    # every session listed by the server, no handshake done for the client
+                    await _sampled(samples, limit, within=10)
+                    assert [db.stats().opening for db in dbs] == [1] * limit
+                    assert budget.in_use() == limit
+                    callers.cancel_scope.cancel()
+                with anyio.fail_after(10):
+                    await take_freed()
+                await _sampled(samples, limit, within=10)  # the abandoned ones are gone
+                after = len(samples)
+                while len(samples) < after + 5:  # and a few more samples to be sure
+                    await anyio.sleep(0.01)
+            assert max(samples) <= limit, sorted(samples)[-10:]
+            assert len(samples) > 10
+        finally:
+            for taker in takers:
+                await taker.disconnect()
+            for slot in slots:
+                slot.release()
+            for db in dbs:
+                await db.disconnect()
 
 
 class TestTrioAndFork:
