@@ -40,7 +40,7 @@ from asyncmy import errors
 from asyncmy.charset import charset_by_name
 from asyncmy.constants import CLIENT, CR
 
-from ._my import MySQLBase, read_url
+from ._my import CutShortMixin, MySQLBase, read_url
 from ._url import check_connect_args, redact
 
 __all__ = ["AsyncmyDriver", "create"]
@@ -67,7 +67,20 @@ _MANAGED = {
 Connection = Any
 
 
-class TLSOnlyConnection(asyncmy.Connection):
+class RecoverableConnection(CutShortMixin, asyncmy.Connection):
+    """asyncmy's connection, kept open when a cancellation cuts a read short.
+
+    asyncmy reads into its protocol's buffer and consumes a packet only once
+    its header is there (the header, then the body); the packet number moves
+    with each one taken. A read cancelled while it waits for a reply's first
+    header leaves the reply whole for :meth:`AsyncmyDriver.recover` (see
+    :class:`CutShortMixin`). Being a subclass turns off asyncmy's fast path
+    for cached prepared statements (``stmt_cache_size``), which checks for its
+    own class: such a statement goes the generic way.
+    """
+
+
+class TLSOnlyConnection(RecoverableConnection):
     """asyncmy's connection, refusing a server that offers no TLS (sslmode=require).
 
     The check sits just before authentication: the point where asyncmy would
@@ -86,7 +99,7 @@ class TLSOnlyConnection(asyncmy.Connection):
 class AsyncmyDriver(MySQLBase):
     """The adapter. Its connection type is asyncmy's own ``Connection``."""
 
-    _plain_connection = asyncmy.Connection
+    _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
 
     async def _handshake(self, conn: Connection) -> None:
@@ -103,6 +116,7 @@ class AsyncmyDriver(MySQLBase):
             conn.connected
             and not conn._stream_broken
             and not conn.get_transaction_status()
+            and conn._pool_cut is None
         )
 
     async def ping(self, conn: Connection) -> None:

@@ -88,6 +88,7 @@ from ._my import (  # re-exported: the names this module always had
     MAX_APPLICATION_NAME_BYTES,
     PARAMETERS,
     READ_ONLY_ERRORS,
+    CutShortMixin,
     MySQLBase,
     read_url,
 )
@@ -125,7 +126,17 @@ class QuietCursor(aiomysql.Cursor):  # type: ignore[misc]  # aiomysql is untyped
         return None
 
 
-class TLSOnlyConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql is untyped
+class RecoverableConnection(CutShortMixin, aiomysql.Connection):  # type: ignore[misc]
+    """aiomysql's connection, kept open when a cancellation cuts a read short.
+
+    aiomysql reads with ``StreamReader.readexactly``, which takes nothing
+    from the stream until all it asked for is there: a read cancelled while
+    it waits for a reply's first packet leaves the reply whole for
+    :meth:`MySQLDriver.recover` (see :class:`CutShortMixin`).
+    """
+
+
+class TLSOnlyConnection(RecoverableConnection):
     """aiomysql's connection, refusing a server that offers no TLS (sslmode=require).
 
     The check sits just before authentication: the point where aiomysql would
@@ -147,7 +158,7 @@ class MySQLDriver(MySQLBase):
     (With ``sslmode=require``, :class:`TLSOnlyConnection`, a subclass of it.)
     """
 
-    _plain_connection = aiomysql.Connection
+    _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
 
     async def _handshake(self, conn: Connection) -> None:
@@ -196,6 +207,7 @@ class MySQLDriver(MySQLBase):
             not conn.closed
             and not conn._reader.at_eof()
             and not conn.get_transaction_status()
+            and conn._pool_cut is None
         )
 
     def classify_connect_error(self, exc: BaseException) -> str | None:
