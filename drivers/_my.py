@@ -175,6 +175,10 @@ class MySQLBase:
         """Connect an already built connection object (the library's own call)."""
         raise NotImplementedError
 
+    def is_alive(self, conn: Connection) -> bool:
+        """Each library sees a dead connection its own way: each driver says."""
+        raise NotImplementedError
+
     async def connect(self) -> Any:
         # The Connection is built here and then connected, so that we hold it
         # if we are cancelled mid-handshake and can close its socket (neither
@@ -193,6 +197,12 @@ class MySQLBase:
         return conn
 
     async def close(self, conn: Connection) -> None:
+        if conn._pool_cut is not None:
+            # its statement would run on in the server after the close (the
+            # server notices a closed socket only when it next writes)
+            with contextlib.suppress(Exception), anyio.move_on_after(CANCEL_TIMEOUT):
+                await self._kill_query(int(conn.thread_id()))
+            conn._pool_cut = None
         try:
             with anyio.fail_after(self._socket_timeout):
                 await conn.ensure_closed()  # sends COM_QUIT, then closes
@@ -361,9 +371,9 @@ class MySQLBase:
         a transaction this opens one, so that a failure halfway leaves nothing.
         """
         rows = [tuple(args) for args in args_iterable]
+        own = not conn.get_transaction_status()
 
         async def run() -> None:
-            own = not conn.get_transaction_status()
             if own:
                 await conn.begin()
             try:
@@ -377,7 +387,14 @@ class MySQLBase:
                         await conn.rollback()
                 raise
 
-        await self._bounded(conn, run, timeout)
+        try:
+            await self._bounded(conn, run, timeout)
+        except TimeoutError:
+            # a timeout keeps the connection (the statement stopped): the
+            # batch's own transaction must not outlive the batch
+            if own and self.in_transaction(conn) and self.is_alive(conn):
+                await self.rollback(conn)
+            raise
 
     async def server_max_connections(self, conn: Connection) -> int | None:
         return int(await self.fetchval(conn, "SELECT @@max_connections", ()))
@@ -397,12 +414,24 @@ class MySQLBase:
             return await call()
         with anyio.move_on_after(limit):
             return await call()
-        # Cancelled mid-protocol: the rest of the reply would be read as the
-        # answer to the next query, so the connection cannot be used again.
+        name = "socket_timeout" if timeout is None else "timeout"
+        closed = f"no reply within {name}={limit}s; the connection was closed"
+        if conn._pool_cut == PENDING:
+            # the whole reply is still owed: the statement is stopped and its
+            # answer read here, as recover() does, and the connection kept
+            try:
+                await self._finish_cut(conn)
+            except Exception as exc:  # closed within
+                raise TimeoutError(closed) from exc
+            raise TimeoutError(
+                f"no reply within {name}={limit}s; the statement was stopped"
+                " (KILL QUERY) and the connection is usable"
+            )
+        # Cancelled mid-reply: the rest of it would be read as the answer to
+        # the next query, so the connection cannot be used again.
         conn._pool_cut = None
         conn.close()
-        name = "socket_timeout" if timeout is None else "timeout"
-        raise TimeoutError(f"no reply within {name}={limit}s; the connection was closed")
+        raise TimeoutError(closed)
 
 
 @dataclass

@@ -205,6 +205,26 @@ async def test_a_holder_that_survives_its_cancel_scope(driver: str) -> None:
             await _end_leftover_sleeps(db, d)
 
 
+@each_my_driver
+async def test_closing_a_cut_connection_stops_its_statement(driver: str) -> None:
+    """The driver's close() of a connection whose query was cut: nothing runs on after it."""
+    d = MID_QUERY[driver]
+    _needs(d.url, d.module)
+    async with pool.Pool(d.url, connection_limit=1) as db:
+        raw = db._driver
+        conn = await raw.connect()
+        try:
+            with anyio.move_on_after(0.05):
+                await raw.fetchval(conn, d.sleep, ())
+            assert not raw.is_clean(conn)  # type: ignore[attr-defined]
+        finally:
+            await raw.close(conn)
+        try:
+            assert await _my_sessions_running(db) == 0
+        finally:
+            await _end_leftover_sleeps(db, d)
+
+
 class TestPsycopg:
     async def test_queries_transactions_and_psycopg_rows(
         self, seen: Callable[[object], None]
