@@ -416,20 +416,20 @@ class MySQLBase:
             return await call()
         name = "socket_timeout" if timeout is None else "timeout"
         closed = f"no reply within {name}={limit}s; the connection was closed"
-        if conn._pool_cut == PENDING:
-            # the whole reply is still owed: the statement is stopped and its
-            # answer read here, as recover() does, and the connection kept
+        if conn._pool_cut is not None:
+            # The statement is stopped here, as recover() does: its whole
+            # answer still owed, it is read and the connection kept; read in
+            # part, the connection is closed (within).
             try:
                 await self._finish_cut(conn)
-            except Exception as exc:  # closed within
+            except Exception as exc:
                 raise TimeoutError(closed) from exc
             raise TimeoutError(
                 f"no reply within {name}={limit}s; the statement was stopped"
                 " (KILL QUERY) and the connection is usable"
             )
-        # Cancelled mid-reply: the rest of it would be read as the answer to
-        # the next query, so the connection cannot be used again.
-        conn._pool_cut = None
+        # cut off outside a read (no reply owed is known of): its state is
+        # unknown, so the connection cannot be used again
         conn.close()
         raise TimeoutError(closed)
 

@@ -1,9 +1,10 @@
 """The psycopg 3 and asyncmy drivers against the real servers.
 
-Cancellation mid-query on psycopg keeps the connection (same backend pid,
-nothing left running); PgBouncer in transaction mode runs without prepared
-statements; a host list skips a refused host; P2024 and FIFO hold as on the
-default drivers.
+Cancellation mid-query on psycopg, asyncmy and aiomysql keeps the connection
+(same backend pid or thread id, nothing left running; on MySQL a reply cut off
+part way closes it instead, its statement stopped); PgBouncer in transaction
+mode runs without prepared statements; a host list skips a refused host; P2024
+and FIFO hold as on the default drivers.
 """
 
 from __future__ import annotations
