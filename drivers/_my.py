@@ -14,7 +14,7 @@ import contextlib
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import SplitResult, unquote
 
 import anyio
@@ -30,7 +30,7 @@ from ._url import (
     split,
 )
 
-__all__ = ["MySQLBase", "MySQLURL", "read_url"]
+__all__ = ["CutShortMixin", "MySQLBase", "MySQLURL", "read_url"]
 
 PARAMETERS = (
     "sslmode",
@@ -58,9 +58,85 @@ MAX_APPLICATION_NAME_BYTES = 128
 #: the protocol command that resets a session (MySQL 5.7.3+, MariaDB 10.2.4+)
 _COM_RESET_CONNECTION = 0x1F
 
+#: the protocol command of a text query
+_COM_QUERY = 0x03
+#: the bound on stopping a statement a cancellation cut short: the side
+#: connection that sends KILL QUERY, and the read of the statement's answer.
+#: Below the pool's clean-up bound (5 s), so that the driver's own error says
+#: what failed.
+CANCEL_TIMEOUT: Final = 3.0
+
+#: what a cancellation left on a connection (``_pool_cut``): a query's whole
+#: reply still owed (its first packet not read yet), or a reply read in part
+PENDING: Final = "pending"
+DESYNCED: Final = "desynced"
+
 #: a PyMySQL-style connection (aiomysql's, asyncmy's); neither library is typed
 Connection = Any
 T = TypeVar("T")
+
+
+class CutShortMixin:
+    """A connection that keeps its socket when a cancellation cuts a read short.
+
+    aiomysql and asyncmy answer a read cancelled mid-query by closing the
+    connection (their ``_close_on_cancel``): the rest of the reply would be
+    read as the next command's. The statement then runs on in the server to
+    its end. Here the connection stays open and remembers where the read
+    stopped, so that :meth:`MySQLBase.recover` can stop the statement with
+    ``KILL QUERY`` and read its answer. Where the cut left the read:
+
+    ``PENDING``
+        a text query's reply, no packet of it read yet (``_next_seq_id`` is
+        still 1, the number of the reply's first packet): the answer can be
+        read whole, and the connection is as good as new.
+    ``DESYNCED``
+        anything else (rows read in part, a packet's header without its body,
+        a prepared statement, a LOAD DATA): no way back to a packet boundary;
+        recover stops the statement and the connection is closed.
+
+    A holder whose own cancel scope cut the query may carry on with the
+    connection: its next command does the recovery first (and fails, the
+    connection closed, where recover would). Without a driver to do it (a
+    connection not made by :meth:`MySQLBase.connect`), the command closes the
+    connection as the library would have at the cancel, and its own
+    "Cancelled during execution" error is what the caller sees.
+    """
+
+    #: None, PENDING or DESYNCED (see the class docstring)
+    _pool_cut: str | None = None
+    #: the last protocol command sent
+    _pool_command: int = 0
+    #: the driver's recovery (MySQLBase._finish_cut), set at connect
+    _pool_finish: Callable[[Any], Awaitable[None]] | None = None
+
+    async def _execute_command(self, command: int, sql: Any) -> None:
+        library = cast(Any, super())
+        if self._pool_cut is not None:
+            if self._pool_finish is None:
+                self._pool_cut = None
+                library._close_on_cancel()
+            else:
+                await self._pool_finish(self)
+        self._pool_command = command
+        await library._execute_command(command, sql)
+
+    def _close_on_cancel(self) -> None:
+        me = cast(Any, self)
+        if self._pool_command == _COM_QUERY and me._next_seq_id == 1:
+            self._pool_cut = PENDING
+        else:
+            self._pool_cut = DESYNCED
+
+
+def _is_server_error(exc: BaseException) -> bool:
+    """An error packet's error: the server's whole answer, read to its end.
+
+    The client's own codes (2000-2999: a lost connection, commands out of
+    sync) and errors without a code (a wrong packet number) are not.
+    """
+    code = exc.args[0] if isinstance(exc, Exception) and exc.args else None
+    return isinstance(code, int) and not 2000 <= code < 3000
 
 
 class MySQLBase:
@@ -99,6 +175,10 @@ class MySQLBase:
         """Connect an already built connection object (the library's own call)."""
         raise NotImplementedError
 
+    def is_alive(self, conn: Connection) -> bool:
+        """Each library sees a dead connection its own way: each driver says."""
+        raise NotImplementedError
+
     async def connect(self) -> Any:
         return await self._connect(None)
 
@@ -134,9 +214,16 @@ class MySQLBase:
             raise
         if watched:
             conn._pool_watch = None  # connected: the pool watches it from now on (socket_of)
+        conn._pool_finish = self._finish_cut
         return conn
 
     async def close(self, conn: Connection) -> None:
+        if conn._pool_cut is not None:
+            # its statement would run on in the server after the close (the
+            # server notices a closed socket only when it next writes)
+            with contextlib.suppress(Exception), anyio.move_on_after(CANCEL_TIMEOUT):
+                await self._kill_query(int(conn.thread_id()))
+            conn._pool_cut = None
         try:
             with anyio.fail_after(self._socket_timeout):
                 await conn.ensure_closed()  # sends COM_QUIT, then closes
@@ -149,7 +236,69 @@ class MySQLBase:
             conn.close()  # synchronous: drops the transport, sends nothing
 
     def in_transaction(self, conn: Connection) -> bool:
-        return bool(conn.get_transaction_status())
+        # a statement a cancellation cut short is not clean either: its reply
+        # is owed (rollback() reads it first)
+        return bool(conn.get_transaction_status()) or conn._pool_cut is not None
+
+    async def recover(self, conn: Connection) -> None:
+        """Bring back a connection whose holder was cancelled mid-query.
+
+        The statement is stopped with ``KILL QUERY`` on a side connection, and
+        its answer (error 1317, or its result if it ended first) read and
+        dropped: the session, its thread id and an open transaction (which the
+        pool then rolls back) are kept. A reply the cancellation cut off part
+        way cannot be read back to a packet boundary: its statement is stopped
+        all the same, then this raises and the pool closes the connection.
+        """
+        await self._finish_cut(conn)
+
+    async def _finish_cut(self, conn: Connection) -> None:
+        cut = conn._pool_cut
+        if cut is None:
+            return
+        try:
+            with anyio.fail_after(CANCEL_TIMEOUT):
+                await self._kill_query(int(conn.thread_id()))
+                if cut == DESYNCED:
+                    raise ConnectionError(
+                        "a cancellation cut a reply off part way: the connection is closed"
+                    )
+                conn._pool_cut = None
+                await self._discard_reply(conn)
+        except BaseException:
+            # failed, timed out or cut short again: the protocol state is unknown
+            conn._pool_cut = None
+            conn.close()
+            raise
+
+    async def _kill_query(self, thread_id: int) -> None:
+        """``KILL QUERY`` for ``thread_id``, on a connection of its own (same credentials).
+
+        KILL QUERY ends the statement, not the session; on a session that is
+        idle already it does nothing (MariaDB and MySQL forget it at the next
+        command).
+        """
+        side = await self.connect()
+        try:
+            async with side.cursor() as cur:
+                await cur.execute(f"KILL QUERY {thread_id:d}")
+        except BaseException:
+            self.terminate(side)
+            raise
+        await self.close(side)
+
+    async def _discard_reply(self, conn: Connection) -> None:
+        """Read the interrupted statement's answer, and any result sets after it."""
+        while True:
+            try:
+                await conn._read_query_result()
+            except Exception as exc:
+                if not _is_server_error(exc):
+                    raise
+                return  # an error packet ends the command's answer (1317 here)
+            result = conn._result
+            if result is None or not result.has_next:
+                return
 
     async def reset_session(self, conn: Connection) -> None:
         """COM_RESET_CONNECTION: user variables, temporary tables, session settings, locks.
@@ -183,6 +332,9 @@ class MySQLBase:
         await self._bounded(conn, conn.commit)
 
     async def rollback(self, conn: Connection) -> None:
+        # a statement a cancellation cut short, whose holder carried on (the
+        # cancel scope was its own): stopped, and its answer read, first
+        await self._finish_cut(conn)
         await self._bounded(conn, conn.rollback)
 
     async def fetch(
@@ -240,9 +392,9 @@ class MySQLBase:
         a transaction this opens one, so that a failure halfway leaves nothing.
         """
         rows = [tuple(args) for args in args_iterable]
+        own = not conn.get_transaction_status()
 
         async def run() -> None:
-            own = not conn.get_transaction_status()
             if own:
                 await conn.begin()
             try:
@@ -256,7 +408,14 @@ class MySQLBase:
                         await conn.rollback()
                 raise
 
-        await self._bounded(conn, run, timeout)
+        try:
+            await self._bounded(conn, run, timeout)
+        except TimeoutError:
+            # a timeout keeps the connection (the statement stopped): the
+            # batch's own transaction must not outlive the batch
+            if own and self.in_transaction(conn) and self.is_alive(conn):
+                await self.rollback(conn)
+            raise
 
     async def server_max_connections(self, conn: Connection) -> int | None:
         return int(await self.fetchval(conn, "SELECT @@max_connections", ()))
@@ -276,11 +435,24 @@ class MySQLBase:
             return await call()
         with anyio.move_on_after(limit):
             return await call()
-        # Cancelled mid-protocol: the rest of the reply would be read as the
-        # answer to the next query, so the connection cannot be used again.
-        conn.close()
         name = "socket_timeout" if timeout is None else "timeout"
-        raise TimeoutError(f"no reply within {name}={limit}s; the connection was closed")
+        closed = f"no reply within {name}={limit}s; the connection was closed"
+        if conn._pool_cut is not None:
+            # The statement is stopped here, as recover() does: its whole
+            # answer still owed, it is read and the connection kept; read in
+            # part, the connection is closed (within).
+            try:
+                await self._finish_cut(conn)
+            except Exception as exc:
+                raise TimeoutError(closed) from exc
+            raise TimeoutError(
+                f"no reply within {name}={limit}s; the statement was stopped"
+                " (KILL QUERY) and the connection is usable"
+            )
+        # cut off outside a read (no reply owed is known of): its state is
+        # unknown, so the connection cannot be used again
+        conn.close()
+        raise TimeoutError(closed)
 
 
 @dataclass

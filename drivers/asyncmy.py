@@ -6,8 +6,9 @@ The URL, its parameters and the behaviour are those of ``mysql://``
 autocommit on; ``%s`` placeholders interpolated client-side; ``ping`` never
 reconnects; ``sslmode=require`` refuses a server that offers no TLS before the
 login is sent (asyncmy, like aiomysql, would carry on in plain text);
-``socket_timeout`` and a call's ``timeout=`` close a connection cut off
-mid-reply and raise :class:`TimeoutError`; ``connect_timeout`` bounds the
+``socket_timeout`` and a call's ``timeout=`` stop the statement (``KILL
+QUERY``) and raise :class:`TimeoutError` with the connection usable, or close
+it when the reply was cut off part way; ``connect_timeout`` bounds the
 whole connect, handshake included.
 
 ``connect_args`` carries what a URL cannot to asyncmy's ``Connection``:
@@ -19,9 +20,12 @@ default) and the rest of its keywords, less those the URL sets.
 Where asyncmy differs from aiomysql, and what that means here:
 
 - A read cut short by a cancellation makes asyncmy close the connection
-  itself (the rest of the reply would be read as the next one's): a holder
-  cancelled mid-query costs that connection, as on aiomysql, and the pool
-  opens another. A holder cancelled between queries keeps it.
+  itself (the rest of the reply would be read as the next one's), and the
+  statement runs on in the server. Here the connection stays open instead
+  and the pool's upkeep recovers it, as on aiomysql: ``KILL QUERY`` on a side
+  connection, the statement's answer read and dropped, same session (see
+  :meth:`MySQLBase.recover <drivers._my.MySQLBase.recover>`). A reply cut off
+  part way (rows read in part) is stopped the same way, then closed.
 - asyncmy notices a session the server ended while idle (its protocol sees
   the EOF), so ``is_alive`` is False without a round trip.
 - Server notes (``CREATE TABLE IF NOT EXISTS`` on an existing table) are
@@ -40,7 +44,7 @@ from asyncmy import errors
 from asyncmy.charset import charset_by_name
 from asyncmy.constants import CLIENT, CR
 
-from ._my import MySQLBase, read_url
+from ._my import CutShortMixin, MySQLBase, read_url
 from ._url import check_connect_args, redact
 
 __all__ = ["AsyncmyDriver", "create"]
@@ -67,7 +71,20 @@ _MANAGED = {
 Connection = Any
 
 
-class TLSOnlyConnection(asyncmy.Connection):
+class RecoverableConnection(CutShortMixin, asyncmy.Connection):
+    """asyncmy's connection, kept open when a cancellation cuts a read short.
+
+    asyncmy reads into its protocol's buffer and consumes a packet only once
+    its header is there (the header, then the body); the packet number moves
+    with each one taken. A read cancelled while it waits for a reply's first
+    header leaves the reply whole for :meth:`AsyncmyDriver.recover` (see
+    :class:`CutShortMixin`). Being a subclass turns off asyncmy's fast path
+    for cached prepared statements (``stmt_cache_size``), which checks for its
+    own class: such a statement goes the generic way.
+    """
+
+
+class TLSOnlyConnection(RecoverableConnection):
     """asyncmy's connection, refusing a server that offers no TLS (sslmode=require).
 
     The check sits just before authentication: the point where asyncmy would
@@ -86,7 +103,7 @@ class TLSOnlyConnection(asyncmy.Connection):
 class AsyncmyDriver(MySQLBase):
     """The adapter. Its connection type is asyncmy's own ``Connection``."""
 
-    _plain_connection = asyncmy.Connection
+    _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
 
     async def _handshake(self, conn: Connection) -> None:
@@ -103,6 +120,7 @@ class AsyncmyDriver(MySQLBase):
             conn.connected
             and not conn._stream_broken
             and not conn.get_transaction_status()
+            and conn._pool_cut is None
         )
 
     async def ping(self, conn: Connection) -> None:

@@ -61,10 +61,21 @@ Quirks smoothed over here:
   ``-W error``. PyMySQL dropped that in 1.0 and asyncpg never did it; our
   connections use a cursor class that does not either. Run ``SHOW WARNINGS``
   to see them.
+- A holder cancelled mid-query keeps its session: aiomysql would close the
+  connection (and leave the statement running on the server); here it stays
+  open, and :meth:`MySQLDriver.recover` (run by the pool's upkeep) stops the
+  statement with ``KILL QUERY`` on a short-lived side connection with the
+  same credentials, reads and drops its answer (error 1317, or its result if
+  it ended first), and the pool rolls back what was left open. A reply cut
+  off part way (rows read in part) is stopped the same way, then closed.
+  Until then the connection is never lent; a holder whose own cancel scope
+  cut the query and carries on gets the same recovery before its next one.
 - aiomysql has no read timeout, so ``socket_timeout`` (or a call's own
-  ``timeout=``) bounds each call with a cancel scope; on expiry the
-  connection (stuck mid-protocol) is closed and :class:`TimeoutError` raised;
-  ``is_alive`` is False from then on. ``connect_timeout`` is a cancel scope too,
+  ``timeout=``) bounds each call with a cancel scope; on expiry the statement
+  is stopped and its answer read as above (within 3 s more), and
+  :class:`TimeoutError` raised with the connection usable. Cut off with a
+  reply read in part, or if stopping it fails, the connection is closed
+  instead (``is_alive`` is False from then on). ``connect_timeout`` is a cancel scope too,
   around the whole connect, handshake included (aiomysql's own bounds only the
   TCP connect, and reports expiry as error 2003, "Can't connect"), so an
   expired connect raises :class:`TimeoutError`, as on asyncpg.
@@ -89,6 +100,7 @@ from ._my import (  # re-exported: the names this module always had
     MAX_APPLICATION_NAME_BYTES,
     PARAMETERS,
     READ_ONLY_ERRORS,
+    CutShortMixin,
     MySQLBase,
     read_url,
 )
@@ -147,7 +159,17 @@ class WatchedConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql 
         super().close()
 
 
-class TLSOnlyConnection(WatchedConnection):
+class RecoverableConnection(CutShortMixin, WatchedConnection):
+    """aiomysql's connection, kept open when a cancellation cuts a read short.
+
+    aiomysql reads with ``StreamReader.readexactly``, which takes nothing
+    from the stream until all it asked for is there: a read cancelled while
+    it waits for a reply's first packet leaves the reply whole for
+    :meth:`MySQLDriver.recover` (see :class:`CutShortMixin`).
+    """
+
+
+class TLSOnlyConnection(RecoverableConnection):
     """aiomysql's connection, refusing a server that offers no TLS (sslmode=require).
 
     The check sits just before authentication: the point where aiomysql would
@@ -169,7 +191,7 @@ class MySQLDriver(MySQLBase):
     (With ``sslmode=require``, :class:`TLSOnlyConnection`, a subclass of it.)
     """
 
-    _plain_connection = WatchedConnection
+    _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
 
     async def _handshake(self, conn: Connection) -> None:
@@ -218,6 +240,7 @@ class MySQLDriver(MySQLBase):
             not conn.closed
             and not conn._reader.at_eof()
             and not conn.get_transaction_status()
+            and conn._pool_cut is None
         )
 
     def classify_connect_error(self, exc: BaseException) -> str | None:

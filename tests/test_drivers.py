@@ -423,13 +423,10 @@ class TestHelpers:
         with anyio.fail_after(10):  # the query itself would take 30 s or more
             with pytest.raises(TimeoutError):
                 await getattr(driver, method)(conn, LONG_QUERY[name], (), timeout=0.2)
-        if name == "mysql":
-            # aiomysql cannot abandon a reply halfway: the connection is closed
-            assert not driver.is_alive(conn)
-        else:
-            # asyncpg cancels on the server; sqlite3 was interrupted
-            assert driver.is_alive(conn)
-            assert await driver.fetchval(conn, "SELECT 1", ()) == 1
+        # asyncpg cancels on the server; on MySQL a KILL QUERY stops it;
+        # sqlite3 was interrupted
+        assert driver.is_alive(conn)
+        assert await driver.fetchval(conn, "SELECT 1", ()) == 1
 
     async def test_timeout_bounds_executemany(
         self, name: str, driver: Driver[Any], conn: Any
@@ -447,6 +444,9 @@ class TestHelpers:
             )
         with anyio.fail_after(10), pytest.raises(TimeoutError):
             await driver.executemany(conn, sql, [(5,), (5,)], timeout=0.2)
+        if driver.is_alive(conn):
+            # kept (the statement stopped): the batch's own transaction is not
+            assert not driver.in_transaction(conn)
 
     async def test_a_short_query_within_its_timeout_is_untouched(
         self, driver: Driver[Any], conn: Any
@@ -722,13 +722,30 @@ class TestMySQL:
         finally:
             await driver.close(conn)
 
-    async def test_socket_timeout_closes_the_connection(self) -> None:
+    async def test_socket_timeout_stops_the_query_and_keeps_the_connection(self) -> None:
         driver = build(MYSQL_URL, socket_timeout=0.2)
         conn = await driver.connect()
         try:
-            with pytest.raises(TimeoutError):
-                await driver.fetchval(conn, "SELECT SLEEP(2)", ())
-            # the reply is still on its way: the connection cannot be reused
+            thread = await driver.fetchval(conn, "SELECT CONNECTION_ID()", ())
+            with pytest.raises(TimeoutError, match="KILL QUERY"):
+                await driver.fetchval(conn, "SELECT SLEEP(5)", ())
+            assert driver.is_clean(conn)  # type: ignore[attr-defined]
+            assert await driver.fetchval(conn, "SELECT 1", ()) == 1
+            # the same session answers at once: its SLEEP(5) was stopped
+            assert await driver.fetchval(conn, "SELECT CONNECTION_ID()", ()) == thread
+        finally:
+            driver.terminate(conn)
+
+    async def test_socket_timeout_mid_rows_closes_the_connection(self) -> None:
+        driver = build(MYSQL_URL, socket_timeout=0.2)
+        conn = await driver.connect()
+        try:
+            with pytest.raises(TimeoutError, match="closed"):
+                # rows of 20 kB, one every 10 ms: cut off with rows read
+                await driver.fetch(
+                    conn, "SELECT REPEAT('x', 20000), SLEEP(0.01) FROM seq_1_to_300", ()
+                )
+            # the rest of the reply is still on its way: never reused
             assert not driver.is_alive(conn)
         finally:
             driver.terminate(conn)

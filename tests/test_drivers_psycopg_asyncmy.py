@@ -1,14 +1,16 @@
 """The psycopg 3 and asyncmy drivers against the real servers.
 
-Cancellation mid-query on psycopg keeps the connection (same backend pid,
-nothing left running); PgBouncer in transaction mode runs without prepared
-statements; a host list skips a refused host; P2024 and FIFO hold as on the
-default drivers.
+Cancellation mid-query on psycopg, asyncmy and aiomysql keeps the connection
+(same backend pid or thread id, nothing left running; on MySQL a reply cut off
+part way closes it instead, its statement stopped); PgBouncer in transaction
+mode runs without prepared statements; a host list skips a refused host; P2024
+and FIFO hold as on the default drivers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,13 @@ class MidQuery:
     running: str
 
 
+#: the test user's statements with a SLEEP still running, but for the one asking
+MY_RUNNING = (
+    "SELECT COUNT(*) FROM information_schema.processlist WHERE COMMAND = 'Query'"
+    " AND INFO LIKE '%SLEEP%' AND ID <> CONNECTION_ID()"
+    " AND USER = SUBSTRING_INDEX(USER(), '@', 1)"
+)
+
 MID_QUERY = {
     "psycopg": MidQuery(
         PSYCOPG_URL, "psycopg", "SELECT pg_sleep(5)", "SELECT pg_backend_pid()",
@@ -54,24 +63,15 @@ MID_QUERY = {
         " WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'",
     ),
     "asyncmy": MidQuery(
-        ASYNCMY_URL, "asyncmy", "SELECT SLEEP(5)", "SELECT CONNECTION_ID()",
-        "SELECT COUNT(*) FROM information_schema.processlist WHERE INFO = 'SELECT SLEEP(5)'",
+        ASYNCMY_URL, "asyncmy", "SELECT SLEEP(5)", "SELECT CONNECTION_ID()", MY_RUNNING
+    ),
+    "aiomysql": MidQuery(
+        servers.MYSQL_URL, "aiomysql", "SELECT SLEEP(5)", "SELECT CONNECTION_ID()", MY_RUNNING
     ),
 }
 
 
-@pytest.mark.parametrize(
-    "driver",
-    [
-        "psycopg",
-        pytest.param("asyncmy", marks=pytest.mark.xfail(strict=True, reason=(
-            "driver: asyncmy closes a connection whose read a cancellation cut short"
-            " (drivers/asyncmy.py says so) and sends no KILL QUERY, so each"
-            " cancellation costs the session and leaves its SLEEP(5) running on the"
-            " server (aiomysql does the same)"
-        ))),
-    ],
-)
+@pytest.mark.parametrize("driver", ["psycopg", "asyncmy", "aiomysql"])
 async def test_twenty_cancellations_mid_query_keep_the_session(driver: str) -> None:
     """task.cancel() and a cancel scope, 20 times mid-query: same session, nothing left running."""
     d = MID_QUERY[driver]
@@ -92,6 +92,7 @@ async def test_twenty_cancellations_mid_query_keep_the_session(driver: str) -> N
             assert await db.fetchval(d.session) == session
             assert await db.fetchval(d.running) == 0
             assert db.stats().closed == 0
+            assert db.stats().closed_by.get("broken", 0) == 0
         finally:
             # what a failure left running would hold the server's sessions for 5 s
             # more, and the next tests count those: end it
@@ -110,6 +111,119 @@ async def _end_leftover_sleeps(db: pool.Pool[Any], d: MidQuery) -> None:
     )
     for (thread,) in rows:
         await db.execute(f"KILL QUERY {int(thread)}")
+
+
+each_my_driver = pytest.mark.parametrize("driver", ["asyncmy", "aiomysql"])
+
+#: rows of 20 kB, each after a 10 ms sleep: more than MariaDB's 16 kB network
+#: buffer, so the rows reach the client one by one while the query runs (3 s)
+MANY_ROWS = "SELECT REPEAT('x', 20000), SLEEP(0.01) FROM seq_1_to_300"
+
+
+async def _my_sessions_running(db: pool.Pool[Any]) -> int:
+    """The test user's SLEEPs still running, once the server has ended those it was told to.
+
+    A statement KILL QUERY stopped, or whose client closed mid-reply, ends in the
+    server a moment after: that is waited for (bounded), not slept through.
+    """
+    with anyio.move_on_after(2.0):
+        while await db.fetchval(MY_RUNNING):
+            await anyio.sleep(0.01)
+    return int(await db.fetchval(MY_RUNNING))
+
+
+@each_my_driver
+async def test_a_cancellation_while_rows_are_read_recovers_or_closes(driver: str) -> None:
+    """Cut off mid-result-set: the session is kept or closed, never lent half read."""
+    d = MID_QUERY[driver]
+    _needs(d.url, d.module)
+    async with pool.Pool(d.url, connection_limit=1) as db:
+        session = await db.fetchval(d.session)
+        sessions = {session}
+        try:
+            for i in range(4):
+                if i % 2:
+                    with anyio.move_on_after(0.2):
+                        await db.fetch(MANY_ROWS)
+                else:
+                    task = asyncio.ensure_future(db.fetch(MANY_ROWS))
+                    await asyncio.sleep(0.2)
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                # the next answer is its own, not the rest of the rows
+                assert await db.fetchval("SELECT %s + 1", i) == i + 1
+                sessions.add(await db.fetchval(d.session))
+            stats = db.stats()
+            # each connection that was not kept was closed as broken, none leaked
+            assert stats.closed == stats.closed_by.get("broken", 0) == len(sessions) - 1
+            assert (stats.size, stats.in_use, stats.busy) == (1, 0, 0)
+            assert await _my_sessions_running(db) == 0
+        finally:
+            await _end_leftover_sleeps(db, d)
+
+
+@each_my_driver
+async def test_cuts_at_every_step_of_a_quick_query_keep_the_session(driver: str) -> None:
+    """A cancellation racing a query's end: KILL QUERY comes too late, the answer is read."""
+    d = MID_QUERY[driver]
+    _needs(d.url, d.module)
+    async with pool.Pool(d.url, connection_limit=1) as db:
+        session = await db.fetchval(d.session)
+        for steps in range(12):
+            task = asyncio.ensure_future(db.fetchval("SELECT %s", steps))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                assert await task == steps  # it ended before the cancel came
+            assert await db.fetchval("SELECT %s + 100", steps) == steps + 100
+        assert await db.fetchval(d.session) == session
+        assert db.stats().closed == 0
+
+
+@each_my_driver
+async def test_a_holder_that_survives_its_cancel_scope(driver: str) -> None:
+    """Its own scope cut the query, and it carries on: its next query gets its own answer."""
+    d = MID_QUERY[driver]
+    _needs(d.url, d.module)
+    async with pool.Pool(d.url, connection_limit=1) as db:
+        session = await db.fetchval(d.session)
+        try:
+            async with db.acquire() as conn:
+                with anyio.move_on_after(0.05):
+                    await db._driver.fetchval(conn, d.sleep, ())
+                # the SLEEP's answer is owed, and read first: not taken for this one's
+                assert await db._driver.fetchval(conn, "SELECT 1", ()) == 1
+                with anyio.move_on_after(0.05):
+                    await db._driver.fetchval(conn, d.sleep, ())
+            # released with the second one's answer owed: recovered before it is lent
+            assert await db.fetchval("SELECT 2") == 2
+            assert await db.fetchval(d.running) == 0
+            assert await db.fetchval(d.session) == session
+            assert db.stats().closed == 0
+        finally:
+            await _end_leftover_sleeps(db, d)
+
+
+@each_my_driver
+async def test_closing_a_cut_connection_stops_its_statement(driver: str) -> None:
+    """The driver's close() of a connection whose query was cut: nothing runs on after it."""
+    d = MID_QUERY[driver]
+    _needs(d.url, d.module)
+    async with pool.Pool(d.url, connection_limit=1) as db:
+        raw = db._driver
+        conn = await raw.connect()
+        try:
+            with anyio.move_on_after(0.05):
+                await raw.fetchval(conn, d.sleep, ())
+            assert not raw.is_clean(conn)  # type: ignore[attr-defined]
+        finally:
+            await raw.close(conn)
+        try:
+            assert await _my_sessions_running(db) == 0
+        finally:
+            await _end_leftover_sleeps(db, d)
 
 
 class TestPsycopg:
