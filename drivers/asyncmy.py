@@ -106,8 +106,22 @@ class AsyncmyDriver(MySQLBase):
     _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
 
+    #: as aiomysql's: MariaDB may list a session this long after the server's EOF
+    session_linger = 0.05
+
     async def _handshake(self, conn: Connection) -> None:
         await conn.connect()
+
+    def socket_of(self, conn: Connection) -> int:
+        """The connection's socket descriptor (-1: unknown), for host_connection_limit.
+
+        As aiomysql's driver: the pool reads a duplicate of it until the
+        server's EOF before it gives the connection's slot back. asyncmy
+        keeps its transport as ``_transport`` (guarded: it is not public).
+        """
+        transport = getattr(conn, "_transport", None)
+        sock = None if transport is None else transport.get_extra_info("socket")
+        return -1 if sock is None else int(sock.fileno())
 
     def is_alive(self, conn: Connection) -> bool:
         # _stream_broken: asyncmy's protocol has seen EOF or an error, or the

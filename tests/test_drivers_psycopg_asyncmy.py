@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -296,6 +297,20 @@ class TestAsyncmy:
                 await db.fetchval("SELECT SLEEP(5)", timeout=0.1)
             assert await db.fetchval("SELECT 2") == 2
             assert db.stats().closed_by["reset_failed"] == 0
+
+    async def test_the_host_budget_sees_its_socket(self, tmp_path: Any) -> None:
+        # host_connection_limit waits for the server's EOF on a duplicate of it
+        # before a slot comes back: a connection whose socket is unknown would
+        # give its slot back while MariaDB still lists the session
+        _needs(servers.MYSQL_URL, "asyncmy")
+        import os
+        import socket
+
+        async with pool.Pool(ASYNCMY_URL, connection_limit=1) as db, db.acquire() as conn:
+            fd = db._driver.socket_of(conn)  # type: ignore[attr-defined]
+            assert fd >= 0
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                assert sock.getpeername()[1] == urlsplit(servers.MYSQL_URL).port
 
     async def test_no_password_in_output(self, seen: Callable[[object], None]) -> None:
         _needs(servers.MYSQL_URL, "asyncmy")
