@@ -47,7 +47,7 @@ def combine(docs: Sequence[dict[str, Any]], names: Sequence[str]) -> Results:
         for name, pool in doc.get("pools", {}).items():
             results.add_pool(name, pool["role"], pool["label"], pool["note"],
                              style=pool.get("style", "default"),
-                             applies=pool.get("applies", ()))
+                             applies=pool.get("applies", ()), driver=pool.get("driver", ""))
         results.skipped.update(doc.get("skipped", {}))
         for note in doc.get("notes", []):
             results.note(note)
