@@ -243,8 +243,9 @@ async def logs_in(user: str, password: str) -> bool:
     return True
 
 
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
 async def test_a_rotating_password_provider(
-    mysql_user: tuple[str, Any], seen: Callable[[object], None]
+    mysql_user: tuple[str, Any], seen: Callable[[object], None], driver: str
 ) -> None:
     user, admin = mysql_user
     issued: list[str] = []
@@ -256,7 +257,8 @@ async def test_a_rotating_password_provider(
         issued.append(password)
         return password
 
-    db: pool.Pool[Any] = pool.Pool(mysql_url(user), connection_limit=3, password=provider)
+    url = servers.with_driver(mysql_url(user), driver)
+    db: pool.Pool[Any] = pool.Pool(url, connection_limit=3, password=provider)
     try:
         held = [await db.acquire() for _ in range(3)]
         assert len(issued) == 3  # one per connect, each newer than the last
