@@ -263,7 +263,7 @@ class Acquiring(Generic[C]):
                             # opening was abandoned): it waits again, and may be
                             # woken to open again when capacity frees up.
                             waiter.rearm()
-                            ledger.sleepers[waiter] = None
+                            ledger.queue.sleep(waiter)
                             ledger.wake_openers()
                         continue
                     breaker = ledger.breaker

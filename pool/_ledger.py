@@ -22,7 +22,6 @@ len(busy) + opening <= limit``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
@@ -147,9 +146,10 @@ class Ledger(Closing[C]):
             if self.size - self.limit > self.marked:
                 self._put(rec, now)  # resized down: _put() closes the surplus
                 return True
-            # _put(), inlined: the handoff to the oldest waiter (it stays lent)
-            waiter, _ = waiters.popitem(last=False)
-            self.sleepers.pop(waiter, None)
+            # _put(), inlined: the handoff to the oldest waiter (it stays lent).
+            # FIFO only (a pool with lanes never takes this fast release): the
+            # queue is not empty, pop() returns a waiter.
+            waiter: Waiter = self.queue.pop()  # type: ignore[assignment]
             rec.lent_at = now
             rec.handed = True
             rec.lease = HANDED  # no holder's release matches it until accept()
@@ -256,15 +256,13 @@ class Ledger(Closing[C]):
         return self.arrivals
 
     def enqueue(self, waiter: Waiter) -> None:
-        waiters = self.waiters
-        waiters[waiter] = None
         self.arrivals += 1
         waiter.arrival = self.arrivals
+        self.queue.push(waiter)
         # may_open()'s first test inlined: a full pool, the common case under load
-        if self.size < self.limit and self.opening < len(waiters) and self.may_open():
+        if self.size < self.limit and self.opening < len(self.waiters) and self.may_open():
+            self.queue.wake_to_open(waiter)
             self.reserve(waiter)
-        else:
-            self.sleepers[waiter] = None
 
     def enqueue_at(self, waiter: Waiter, arrival: int) -> None:
         """Queue a caller that arrived (``arrival``, from :meth:`arrive`) before it queues.
@@ -273,16 +271,10 @@ class Ledger(Closing[C]):
         retired by a drain, a resize, a failover): the younger callers that
         queued while it checked stay behind it. O(k) for the k of them.
         """
-        waiters = self.waiters
-        younger = list(itertools.takewhile(lambda w: w.arrival > arrival, reversed(waiters)))
-        waiter.arrival = arrival
-        waiters[waiter] = None
-        for behind in reversed(younger):
-            waiters.move_to_end(behind)
-        if self.size < self.limit and self.opening < len(waiters) and self.may_open():
+        self.queue.push_at(waiter, arrival)
+        if self.size < self.limit and self.opening < len(self.waiters) and self.may_open():
+            self.queue.wake_to_open(waiter)
             self.reserve(waiter)
-        else:
-            self.sleepers[waiter] = None
 
     def accept(self, waiter: Waiter, started: float, task: object) -> C | None:
         """A waiter that was handed a connection runs: lend it, unless the pool closed since.
@@ -301,14 +293,18 @@ class Ledger(Closing[C]):
             raise PoolClosedError("the pool was disconnected while this call waited")
         if rec.expires_at == -math.inf and not self._still_needed(rec, time.monotonic()):
             del self.lent[key]
+            self._lane_freed(rec)
             waiter.rearm()
-            self._requeue_first(waiter)
+            # Back at the head of the queue: it was served before everyone still
+            # waiting. Except the waiters requeued the same way before it, handed
+            # a retired connection earlier in the same burst: they are older, and
+            # stay ahead (at most connection_limit of them).
+            self.queue.requeue_first(waiter)
             # It sleeps, first in line for the next free connection; the
             # youngest sleepers open the replacements (wake_openers), so that the
             # oldest waiter is not the one stuck in a connect when a
             # connection comes back for it.
-            self.sleepers[waiter] = None
-            self.sleepers.move_to_end(waiter, last=False)
+            self.queue.sleep_first(waiter)
             self._retire(rec, rec.retire_reason or LIFETIME)  # (unmarked: its lifetime ended)
             return None
         now = time.monotonic()
@@ -333,21 +329,6 @@ class Ledger(Closing[C]):
         raw: C = rec.raw
         return raw
 
-    def _requeue_first(self, waiter: Waiter) -> None:
-        """Back at the head of the queue: it was served before everyone still waiting.
-
-        Except the waiters requeued the same way before it, handed a retired
-        connection earlier in the same burst: they are older, and stay ahead.
-        O(k) for the k of them at the head (at most the connections retired
-        while handed, so at most connection_limit), O(1) when alone.
-        """
-        waiters = self.waiters
-        older = list(itertools.takewhile(lambda w: w.arrival < waiter.arrival, waiters))
-        waiters[waiter] = None
-        waiters.move_to_end(waiter, last=False)
-        for ahead in reversed(older):
-            waiters.move_to_end(ahead, last=False)
-
     def abandon(self, waiter: Waiter) -> None:
         """A waiter gives up (timeout, cancellation, error): leave no trace."""
         rec = waiter.conn
@@ -356,8 +337,7 @@ class Ledger(Closing[C]):
             waiter.conn = None
             self._returned(rec)
         else:
-            self.waiters.pop(waiter, None)
-            self.sleepers.pop(waiter, None)
+            self.queue.remove(waiter)
         self.unreserve(waiter)
 
     def _returned(self, rec: Conn) -> None:
@@ -366,6 +346,7 @@ class Ledger(Closing[C]):
         key = id(rec.raw)
         if rec.state is LENT and self.lent.get(key) is rec:
             del self.lent[key]
+            self._lane_freed(rec)
             now = time.monotonic()
             if (
                 self.state is OPEN
@@ -481,6 +462,8 @@ class Ledger(Closing[C]):
                 return RELEASED, None  # disconnect() closed it while it was held
             raise PoolError("this connection is not lent by this pool (released twice?)")
         rec.task = None
+        if rec.lane is not None:
+            self._lane_freed(rec)
         if self.state is CLOSING:
             # disconnect() waits out its grace: close this one gracefully
             self._busy(rec)

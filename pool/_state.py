@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
@@ -20,6 +20,7 @@ import anyio
 
 from ._breaker import Breaker
 from ._conn import BUSY, CLOSED, HANDED, IDLE, LENT, Conn
+from ._queue import Fifo, Lanes, WaitQueue
 from ._shims import TaskRegistry
 from ._waiters import Deadlines, Waiter
 
@@ -132,10 +133,15 @@ class LedgerState(Generic[C]):
         self.busy: dict[int, Conn] = {}
         #: closed by disconnect() while held: their holders may still release them
         self.orphans: dict[int, Conn] = {}
-        #: FIFO of waiters (an ordered dict: O(1) removal from the middle)
-        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
-        #: the waiters not opening a connection themselves, to wake one in O(1)
-        self.sleepers: OrderedDict[Waiter, None] = OrderedDict()
+        #: the wait queue (see _queue.py): every edit of it goes through its methods
+        self.queue: WaitQueue = Fifo()
+        #: the same queue when it has lanes (None: strict FIFO, and the fast paths)
+        self.lanes: Lanes | None = None
+        #: the queue's waiters, oldest first, and its sleepers (the waiters not
+        #: opening a connection themselves): read here (len, truth, membership)
+        #: as plain dicts, as cheaply as before the queue was a component
+        self.waiters = self.queue.members
+        self.sleepers = self.queue.sleepers
         self.deadlines = Deadlines()
         #: waiters queued so far: each one's arrival number (FIFO order when requeued)
         self.arrivals = 0
@@ -188,10 +194,13 @@ class LedgerState(Generic[C]):
             # it too would shrink the pool below its limit, and reopen.
             self._retire(rec, rec.retire_reason or RESIZE)
             return
-        waiters = self.waiters
-        if waiters:
-            waiter, _ = waiters.popitem(last=False)
-            self.sleepers.pop(waiter, None)
+        if self.waiters:
+            waiter = self.queue.pop()
+            if waiter is None:  # lanes: every waiter's lane is at its limit
+                self._keep_idle(rec, now)
+                return
+            if self.lanes is not None:
+                rec.lane = waiter.lane  # charged to it by pop(): it frees it when it leaves
             rec.state = LENT
             rec.lent_at = now
             rec.handed = True
@@ -200,11 +209,21 @@ class LedgerState(Generic[C]):
             waiter.conn = rec
             waiter.wake()
         else:
-            rec.state = IDLE
-            rec.idle_since = now
-            fresh = now + rec.fresh_for
-            rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
-            self.idle.append(rec)
+            self._keep_idle(rec, now)
+
+    def _keep_idle(self, rec: Conn, now: float) -> None:
+        rec.state = IDLE
+        rec.idle_since = now
+        fresh = now + rec.fresh_for
+        rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
+        self.idle.append(rec)
+
+    def _lane_freed(self, rec: Conn) -> None:
+        """``rec`` leaves the lent: its lane, if any, holds one connection less."""
+        lane = rec.lane
+        if lane is not None:
+            rec.lane = None
+            self.lanes.freed(lane)  # type: ignore[union-attr]  # (a lane: the pool has lanes)
 
     def _busy(self, rec: Conn) -> None:
         rec.state = BUSY
@@ -306,7 +325,7 @@ class LedgerState(Generic[C]):
     def wake_openers(self) -> None:
         """Capacity freed up while callers sleep: wake some to open connections."""
         while self.sleepers and self.may_open():
-            waiter, _ = self.sleepers.popitem(last=True)
+            waiter = self.queue.next_opener()
             self.reserve(waiter)
             waiter.wake()
         if self.waiters and self.hopeless():
@@ -327,5 +346,4 @@ class LedgerState(Generic[C]):
         for waiter in self.waiters:
             waiter.error = error
             waiter.wake()
-        self.waiters.clear()
-        self.sleepers.clear()
+        self.queue.clear()
