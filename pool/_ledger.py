@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from sys import _getframe
 from threading import get_ident
 from typing import TypeVar
@@ -35,6 +36,7 @@ from ._closing import Closing
 from ._conn import ANY_LEASE, BUSY, HANDED, IDLE, LENT, Conn
 from ._diagnosis import PACKAGE_FILES, outside_package, stamp_site
 from ._errors import ConnectError, PoolClosedError, PoolError
+from ._queue import Lane, Lanes, LaneState
 from ._state import (
     BROKEN,
     CHECK_FAILED,
@@ -50,6 +52,8 @@ from ._state import (
     RELEASED,
     RESET_FAILED,
     TIDY,
+    _never,
+    _none,
 )
 from ._waiters import Waiter
 
@@ -78,6 +82,32 @@ class Ledger(Closing[C]):
     Its state and shared steps are in ``_state.py``, its life-cycle steps in
     ``_closing.py``; here, the lending and the returns.
     """
+
+    # ------------------------------------------------------------ lanes
+
+    def use_lanes(self, lanes: Mapping[str, Lane]) -> Lanes:
+        """From now on, the wait queue has lanes (and tenants): a one-way switch.
+
+        At construction (``lanes=``), or at the first acquire that names a
+        tenant in a pool without lanes. O(waiting + lent) once: the waiters
+        queued so far join the default lane in their order, the connections
+        lent so far are counted as the default lane's.
+        """
+        queue = Lanes(lanes)
+        default = queue.default
+        queue.adopt(self.queue)
+        for rec in self.lent.values():
+            rec.lane = default
+            queue.charge(default)
+        default.acquired = self.acquired
+        self.queue = self.lanes = queue
+        self.waiters = queue.members
+        self.sleepers = queue.sleepers
+        # Every acquire and release takes the careful path, which keeps each
+        # lane's count; the fast paths stay those of a pool without lanes.
+        setattr(self, "take_idle", _none)  # noqa: B010
+        setattr(self, "give_back", _never)  # noqa: B010
+        return queue
 
     # ------------------------------------------------------------ the fast paths
 
@@ -195,14 +225,28 @@ class Ledger(Closing[C]):
 
     # ------------------------------------------------------------ the slow acquire
 
-    def take_for(self) -> Conn | None:
+    def take_for(self, lane: LaneState | None = None) -> Conn | None:
         """Nobody waits: the newest usable idle connection, LENT, or BUSY if it needs a check.
 
         Dead and expired ones on the way are closed. None: none is idle, or
-        someone waits (then the caller queues behind them).
+        someone waits (then the caller queues behind them). ``lane``: the
+        caller's, in a pool with lanes; it is charged for the connection now,
+        checked or not, so that concurrent checks never take a lane past its
+        limit (:meth:`check_done` gives it back if the check fails).
         """
         idle = self.idle
-        while idle and not self.waiters and self.state is OPEN:
+        if lane is not None:
+            lanes: Lanes = self.lanes  # type: ignore[assignment]
+            if not (idle and lanes.may_take(lane) and self.state is OPEN):
+                return None
+            rec = self.take_for()  # (with the lane's waiters only, whom it may pass)
+            if rec is not None:
+                lanes.charge(lane)
+                if rec.state is LENT:
+                    rec.lane = lane
+                    lane.acquired += 1
+            return rec
+        while idle and (not self.waiters or self.lanes is not None) and self.state is OPEN:
             rec = idle.pop()
             now = time.monotonic()
             if (
@@ -220,8 +264,26 @@ class Ledger(Closing[C]):
             return rec
         return None
 
-    def check_done(self, rec: Conn, ok: bool) -> bool:
-        """A check ended. True: the connection is now lent to the caller that checked it."""
+    def check_done(self, rec: Conn, ok: bool, lane: LaneState | None = None) -> bool:
+        """A check ended. True: the connection is now lent to the caller that checked it.
+
+        ``lane``: the one :meth:`take_for` charged; given back if it is not lent.
+        """
+        if lane is None:
+            return self._checked(rec, ok)
+        if self._checked(rec, ok):
+            rec.lane = lane
+            lane.acquired += 1
+            return True
+        self.lanes.freed(lane)  # type: ignore[union-attr]
+        return False
+
+    def uncharge(self, lane: LaneState | None) -> None:
+        """The caller that :meth:`take_for` charged ``lane`` for gave the connection up."""
+        if lane is not None:
+            self.lanes.freed(lane)  # type: ignore[union-attr]
+
+    def _checked(self, rec: Conn, ok: bool) -> bool:
         if rec.state is not BUSY:
             return False  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
@@ -308,6 +370,8 @@ class Ledger(Closing[C]):
             self._retire(rec, rec.retire_reason or LIFETIME)  # (unmarked: its lifetime ended)
             return None
         now = time.monotonic()
+        if rec.lane is not None:
+            rec.lane.acquired += 1
         self.waited += 1
         self.wait_seconds += now - started
         rec.lent_at = now

@@ -241,7 +241,7 @@ class Lanes(WaitQueue):
     entries outnumber the lanes, so it stays O(lanes) in size.
     """
 
-    __slots__ = ("by_name", "default", "heap", "seq", "vnow")
+    __slots__ = ("by_name", "default", "heap", "seq", "servable", "vnow")
 
     def __init__(self, lanes: Mapping[str, Lane]) -> None:
         super().__init__()
@@ -253,6 +253,18 @@ class Lanes(WaitQueue):
         self.seq = 0
         #: the virtual clock: the start tag of the last grant
         self.vnow = 0.0
+        #: waiters in lanes under their limit: those a free connection could go
+        #: to, the demand worth opening connections for
+        self.servable = 0
+
+    def adopt(self, old: WaitQueue) -> None:
+        """Take over the waiters of ``old`` (a FIFO): into the default lane, in order."""
+        for waiter in old.members:
+            waiter.lane = self.default
+            waiter.tenant = None
+            self.members[waiter] = None
+            self._join(waiter, False)
+        self.sleepers.update(old.sleepers)
 
     def lane(self, name: str | None) -> LaneState:
         """The lane named ``name`` (None: the default one); ConfigError if there is none."""
@@ -309,12 +321,15 @@ class Lanes(WaitQueue):
     def charge(self, lane: LaneState) -> None:
         """A connection is lent (or handed) to ``lane``."""
         lane.held += 1
-        if lane.held >= lane.limit:
+        if lane.held == lane.limit:
             lane.entry = -1  # at its limit: passed over until one comes back
+            self.servable -= lane.waiting
 
     def freed(self, lane: LaneState) -> None:
         """A connection lent to ``lane`` came back (or was never taken)."""
         lane.held -= 1
+        if lane.held == lane.limit - 1:
+            self.servable += lane.waiting
         if lane.waiting and lane.entry < 0 and lane.held < lane.limit:
             self._schedule(lane)
 
@@ -335,8 +350,10 @@ class Lanes(WaitQueue):
         else:
             queue[waiter] = None
         lane.waiting += 1
-        if lane.entry < 0 and lane.held < lane.limit:
-            self._schedule(lane)
+        if lane.held < lane.limit:
+            self.servable += 1
+            if lane.entry < 0:
+                self._schedule(lane)
 
     def push(self, waiter: Waiter) -> None:
         self.members[waiter] = None
@@ -365,6 +382,7 @@ class Lanes(WaitQueue):
         else:
             del ring[tenant]
         lane.waiting -= 1
+        self.servable -= 1
         lane.tag += lane.stride
         self.charge(lane)
         if lane.waiting and lane.held < lane.limit:
@@ -384,12 +402,15 @@ class Lanes(WaitQueue):
         if not queue:
             del ring[waiter.tenant]
         lane.waiting -= 1
+        if lane.held < lane.limit:
+            self.servable -= 1
         if not lane.waiting:
             lane.entry = -1
 
     def clear(self) -> None:
         super().clear()
         self.heap.clear()
+        self.servable = 0
         for lane in self.by_name.values():
             lane.ring.clear()
             lane.waiting = 0

@@ -301,6 +301,8 @@ class LedgerState(Generic[C]):
         """Is there spare capacity, and demand not yet covered by an opening?"""
         if self.size >= self.limit or self.opening >= len(self.waiters):
             return False
+        if self.lanes is not None and self.opening >= self.lanes.servable:
+            return False  # the rest wait in lanes at their limit: a connection would idle
         if self.breaker.failures:
             # The breaker is open: after the back-off, exactly one probe at a time.
             return self.opening == 0 and time.monotonic() >= self.breaker.until
