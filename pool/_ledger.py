@@ -275,13 +275,13 @@ class Ledger(Closing[C]):
             rec.lane = lane
             lane.acquired += 1
             return True
-        self.lanes.freed(lane)  # type: ignore[union-attr]
+        self._freed(lane)
         return False
 
     def uncharge(self, lane: LaneState | None) -> None:
         """The caller that :meth:`take_for` charged ``lane`` for gave the connection up."""
         if lane is not None:
-            self.lanes.freed(lane)  # type: ignore[union-attr]
+            self._freed(lane)
 
     def _checked(self, rec: Conn, ok: bool) -> bool:
         if rec.state is not BUSY:
@@ -355,7 +355,7 @@ class Ledger(Closing[C]):
             raise PoolClosedError("the pool was disconnected while this call waited")
         if rec.expires_at == -math.inf and not self._still_needed(rec, time.monotonic()):
             del self.lent[key]
-            self._lane_freed(rec)
+            lane, rec.lane = rec.lane, None
             waiter.rearm()
             # Back at the head of the queue: it was served before everyone still
             # waiting. Except the waiters requeued the same way before it, handed
@@ -367,6 +367,8 @@ class Ledger(Closing[C]):
             # oldest waiter is not the one stuck in a connect when a
             # connection comes back for it.
             self.queue.sleep_first(waiter)
+            if lane is not None:
+                self._freed(lane)  # (once it is back in line: it may be served first)
             self._retire(rec, rec.retire_reason or LIFETIME)  # (unmarked: its lifetime ended)
             return None
         now = time.monotonic()

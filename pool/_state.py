@@ -20,7 +20,7 @@ import anyio
 
 from ._breaker import Breaker
 from ._conn import BUSY, CLOSED, HANDED, IDLE, LENT, Conn
-from ._queue import Fifo, Lanes, WaitQueue
+from ._queue import Fifo, Lanes, LaneState, WaitQueue
 from ._shims import TaskRegistry
 from ._waiters import Deadlines, Waiter
 
@@ -223,7 +223,31 @@ class LedgerState(Generic[C]):
         lane = rec.lane
         if lane is not None:
             rec.lane = None
-            self.lanes.freed(lane)  # type: ignore[union-attr]  # (a lane: the pool has lanes)
+            self._freed(lane)
+
+    def _freed(self, lane: LaneState) -> None:
+        """``lane`` holds one connection less: if that lifts its limit, serve its waiters."""
+        lanes: Lanes = self.lanes  # type: ignore[assignment]  # (a lane: the pool has lanes)
+        lanes.freed(lane)
+        if not lanes.servable:
+            return
+        if not self.idle:
+            # Its waiters are demand again: there may be room to open for them
+            # (they were not counted while their lane was at its limit).
+            self.wake_openers()
+            return
+        # Its waiters were passed over while connections sat idle (their lane
+        # was at its limit): now they may have them. A fresh one is handed on
+        # as a release hands it; a doubtful one (idle past health_check_after,
+        # or every lending checked by a hook) would need a check that only an
+        # acquiring caller runs: it is closed, and a waiter opens a new one.
+        now = time.monotonic()
+        while self.idle and lanes.servable and self.state is OPEN:
+            rec = self.idle.pop()
+            if self.check_every_lending or now >= rec.fresh_until or not self.is_alive(rec.raw):
+                self._retire(rec, IDLE_EXPIRY)
+            else:
+                self._put(rec, now)
 
     def _busy(self, rec: Conn) -> None:
         rec.state = BUSY
