@@ -320,7 +320,10 @@ class Acquiring(Generic[C]):
                 accepted = ledger.accept(waiter, started, task)
                 if accepted is not None:
                     if self.record_wait is not None:
-                        self.record_wait(time.monotonic() - started)
+                        if lane is None:
+                            self.record_wait(time.monotonic() - started)
+                        elif self.metrics is not None:
+                            self.metrics.wait_in(time.monotonic() - started, lane.name)
                     return accepted
                 # Handed a connection that a failover retired before this
                 # task ran: it was not lent; the ledger queued us again, first.
