@@ -480,3 +480,15 @@ class TestOnPostgres:
             share = Counter(granted[:60])["web"] / 60
             assert 0.75 * 0.9 <= share <= 0.75 * 1.1, share
             assert_no_trace(db)
+
+
+class TestBenchmark:
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_the_noisy_neighbour_benchmark_runs(self) -> None:
+        from pool_benchmarks import lanes as bench
+
+        fifo = await bench.run("sleep://", tenants=False, duration=0.3)
+        tenants = await bench.run("sleep://", tenants=True, duration=0.3)
+        # the quiet tenant no longer waits behind the whole flood (~0.8 s)
+        assert tenants["quiet_wait_p50_ms"] < fifo["quiet_wait_p50_ms"] / 4
+        assert tenants["quiet_queries"] > fifo["quiet_queries"]
