@@ -20,14 +20,17 @@ from ._errors import (
 from ._lifecycle import handle_signals, recommended_connection_limit, shared
 from ._metrics import instrument
 from ._pool import Pool
+from ._queue import Lane
 from ._replicated import Replicated, ReplicatedStats
-from ._stats import PoolStats
+from ._stats import LaneStats, PoolStats
 
 __all__ = [
     "ConfigError",
     "ConnectError",
     "Driver",
     "Holder",
+    "Lane",
+    "LaneStats",
     "Pool",
     "PoolClosedError",
     "PoolConfig",
@@ -45,7 +48,7 @@ __all__ = [
 ]
 
 for _name in (
-    "Pool", "PoolConfig", "Driver", "Replicated", "default_connection_limit",
+    "Pool", "PoolConfig", "Driver", "Lane", "Replicated", "default_connection_limit",
     "handle_signals", "instrument", "recommended_connection_limit", "shared",
 ):
     globals()[_name].__module__ = "pool"

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
@@ -23,19 +23,20 @@ from . import _diagnosis, _shims
 from ._config import PoolConfig
 from ._conn import LENT, Conn
 from ._driver import Driver
-from ._errors import PoolClosedError, TooManyWaitersError
+from ._errors import ConfigError, PoolClosedError, TooManyWaitersError
 from ._ledger import (
     CLOSING,
     OPEN,
     Ledger,
 )
 from ._metrics import PoolMetrics
+from ._queue import DEFAULT_LANE, Lane, Lanes, LaneState
 from ._waiters import AsyncioWaiter, TrioWaiter, Waiter
 
 if TYPE_CHECKING:
     from ._hostlimit import HostLimit, Seat
 
-__all__ = ["CLEANUP_TIMEOUT", "Acquiring", "Hook", "Hooks"]
+__all__ = ["CLEANUP_TIMEOUT", "Acquiring", "Flow", "Hook", "Hooks"]
 
 logger = logging.getLogger("pool")
 
@@ -47,6 +48,9 @@ CLEANUP_TIMEOUT: Final = 5.0
 
 #: a connection hook: an async callable given the driver's own connection
 Hook = Callable[[Any], Awaitable[object]]
+
+#: an acquire's lane and tenant, resolved (see Acquiring.flow)
+Flow = tuple[LaneState, Hashable]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,14 +160,15 @@ class Acquiring(Generic[C]):
 
     # ------------------------------------------------------------ acquire
 
-    async def acquire(self, wait_for: float | None) -> C:
+    async def acquire(self, wait_for: float | None, flow: Flow | None = None) -> C:
         """The careful acquire: check a doubtful idle connection, or queue.
 
         One frame from the entry point to the wait: every frame between a
         waiter and its future costs a resumption per handoff. On asyncio a
         waiter awaits a bare future and the pool's own timeout is one shared
         loop timer (see _waiters.Deadlines); on trio each wait has its own
-        cancel scope with the waiter's deadline.
+        cancel scope with the waiter's deadline. ``flow``: the caller's lane
+        and tenant (see :meth:`flow`), in a pool with lanes.
         """
         ledger = self.ledger
         loop = self.loop
@@ -185,19 +190,23 @@ class Acquiring(Generic[C]):
         # pool_timeout bounds the whole acquire, the checks of idle connections included
         deadline = self.now() + wait - spent
         arrival = 0
+        lane: LaneState | None = None
+        tenant: Hashable = None
+        if ledger.lanes is not None:
+            lane, tenant = flow if flow is not None else (ledger.lanes.default, None)
         if ledger.idle:
             epoch = ledger.epoch
             # Its place in line is taken now: if the connection it checks is
             # retired meanwhile, it queues ahead of whoever queued since.
             arrival = ledger.arrive()
             while ledger.idle:
-                rec = ledger.take_for()
+                rec = ledger.take_for(lane)
                 if rec is None:
                     break
                 if rec.state is LENT:
                     raw: C = rec.raw
                     return raw
-                if await self._check(rec, deadline):
+                if await self._check(rec, deadline, lane):
                     raw = rec.raw
                     return raw
                 if ledger.epoch != epoch or ledger.state is not OPEN:
@@ -221,6 +230,9 @@ class Acquiring(Generic[C]):
             raise ledger.breaker.fail_fast_error()
         waiter: Waiter = AsyncioWaiter(self.new_future) if loop is not None else TrioWaiter()
         started = waiter.started = time.monotonic()
+        if lane is not None:
+            waiter.lane = lane
+            waiter.tenant = tenant
         if arrival:
             ledger.enqueue_at(waiter, arrival)
         else:
@@ -263,7 +275,7 @@ class Acquiring(Generic[C]):
                             # opening was abandoned): it waits again, and may be
                             # woken to open again when capacity frees up.
                             waiter.rearm()
-                            ledger.sleepers[waiter] = None
+                            ledger.queue.sleep(waiter)
                             ledger.wake_openers()
                         continue
                     breaker = ledger.breaker
@@ -308,7 +320,10 @@ class Acquiring(Generic[C]):
                 accepted = ledger.accept(waiter, started, task)
                 if accepted is not None:
                     if self.record_wait is not None:
-                        self.record_wait(time.monotonic() - started)
+                        if lane is None:
+                            self.record_wait(time.monotonic() - started)
+                        elif self.metrics is not None:
+                            self.metrics.wait_in(time.monotonic() - started, lane.name)
                     return accepted
                 # Handed a connection that a failover retired before this
                 # task ran: it was not lent; the ledger queued us again, first.
@@ -322,11 +337,50 @@ class Acquiring(Generic[C]):
                 ledger.deadlines.timed.pop(waiter, None)  # type: ignore[arg-type]
         ledger.abandon(waiter)
         ledger.timeouts += 1
-        raise self._timeout_error(wait, started)
+        raise self._timeout_error(wait, started, waiter)
 
-    def _timeout_error(self, wait: float, started: float) -> BaseException:
-        """P2024 for a wait that began at ``started`` (monotonic)."""
+    def flow(self, lane: str | None, tenant: Hashable) -> Flow | None:
+        """An acquire's ``lane=`` and ``tenant=``, resolved now: ConfigError for an unknown lane.
+
+        None: neither given, nor needed (a pool without lanes, and no tenant),
+        so the caller takes the plain FIFO paths. The first tenant in a pool
+        without lanes switches its queue to lanes (one default lane), for good.
+        """
+        lanes = self.ledger.lanes
+        if lanes is None:
+            if lane is not None and lane != DEFAULT_LANE:
+                raise ConfigError(
+                    "lane", lane, "is not one of this pool's lanes (it has none: pass lanes=)"
+                )
+            if tenant is None:
+                return None
+            lanes = self.use_lanes({DEFAULT_LANE: Lane()})
+        if tenant is not None:
+            try:
+                hash(tenant)
+            except TypeError:
+                raise ConfigError("tenant", tenant, "must be hashable (a str, an int)") from None
+        return lanes.lane(lane), tenant
+
+    def use_lanes(self, lanes: Mapping[str, Lane]) -> Lanes:
+        """Switch the ledger's queue to lanes (see :meth:`Ledger.use_lanes`)."""
+        queue = self.ledger.use_lanes(lanes)
+        if self.metrics is not None:
+            # The metrics wrapped the fast release they found, and restore it when
+            # the last meter goes: from now on that is the ledger's careful one.
+            self.metrics_restore = (self.ledger.give_back, self.metrics_restore[1])
+        return queue
+
+    def _timeout_error(
+        self, wait: float, started: float, waiter: Waiter | None = None
+    ) -> BaseException:
+        """P2024 for a wait that began at ``started`` (monotonic), by ``waiter`` if known."""
         ledger = self.ledger
+        lane: str | None = None
+        tenant: object = None
+        lane_waiting = 0
+        if ledger.lanes is not None and waiter is not None and hasattr(waiter, "lane"):
+            lane, tenant, lane_waiting = waiter.lane.name, waiter.tenant, waiter.lane.waiting
         return _diagnosis.timeout_error(
             wait,
             limit=ledger.limit,
@@ -336,9 +390,14 @@ class Acquiring(Generic[C]):
             waiting=len(ledger.waiters),
             lent=ledger.lent.values(),
             host_budget=None if self.host is None else self.host.explain(started),
+            lane=lane,
+            tenant=tenant,
+            lane_waiting=lane_waiting,
         )
 
-    async def _check(self, rec: Conn, deadline: float = math.inf) -> bool:
+    async def _check(
+        self, rec: Conn, deadline: float = math.inf, lane: LaneState | None = None
+    ) -> bool:
         """Check an idle connection before lending it. True: it is now lent to the caller.
 
         A ping if it sat idle a while, then the ``check`` hook if there is one,
@@ -365,11 +424,13 @@ class Acquiring(Generic[C]):
             # protocol state is unknown. The upkeep brings it back (the driver's
             # own recovery), or it is closed.
             if not self.hand_over(rec):
-                ledger.check_done(rec, False)
+                ledger.check_done(rec, False, lane)
+            else:
+                ledger.uncharge(lane)
             raise
         finally:
             ledger.scopes.discard(scope)
-        return ledger.check_done(rec, ok)
+        return ledger.check_done(rec, ok, lane)
 
     async def _open(self, waiter: Waiter, deadline: float) -> None:
         """Open a connection on the capacity reserved for ``waiter``.

@@ -194,6 +194,7 @@ class Closing(LedgerState[C]):
         lent = list(self.lent.values())
         self.lent.clear()
         for rec in lent:
+            self._lane_freed(rec)
             rec.state = CLOSED
             self.terminate(rec.raw)
             if rec.seat is not None:
@@ -253,9 +254,11 @@ class Closing(LedgerState[C]):
         """In a forked child: drop the parent's connections without a word to the server."""
         kept = [rec.raw for rec in (*self.idle, *self.lent.values(), *self.busy.values())]
         kept.extend(rec.raw for rec in self.orphans.values())
-        for container in (self.idle, self.lent, self.busy, self.orphans, self.waiters,
-                          self.sleepers, self.deadlines.timed):
+        for container in (self.idle, self.lent, self.busy, self.orphans, self.deadlines.timed):
             container.clear()
+        self.queue.clear()
+        if self.lanes is not None:
+            self.lanes.reset()
         self.deadlines.timer = None  # the parent's loop: never touched here
         self.scopes.clear()
         self.epoch += 1

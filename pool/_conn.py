@@ -40,7 +40,7 @@ class Conn:
 
     __slots__ = (
         "epoch", "expires_at", "fresh_for", "fresh_until", "handed", "host", "idle_limit",
-        "idle_since", "leak_reported_for", "lease", "lent_at", "lifetime_ends", "previous",
+        "idle_since", "lane", "leak_reported_for", "lease", "lent_at", "lifetime_ends", "previous",
         "raw", "retire_reason", "seat", "site_code", "site_offset", "state", "task",
     )
 
@@ -88,6 +88,8 @@ class Conn:
         self.site_offset = 0
         #: the host budget's slot it holds (host_connection_limit), freed once it is closed
         self.seat: Any = None
+        #: the lane it is lent to, in a pool with lanes (a _queue.LaneState), else None
+        self.lane: Any = None
 
     def __repr__(self) -> str:
         return f"<Conn {self.state} epoch={self.epoch} {self.raw!r}>"

@@ -182,10 +182,13 @@ def holders(lent: Iterable[Conn], top: int = 3, waiting: object = None) -> tuple
 def timeout_error(
     waited: float, *, limit: int, in_use: int, idle: int, opening: int, waiting: int,
     lent: Iterable[Conn], task: object = None, host_budget: str | None = None,
+    lane: str | None = None, tenant: object = None, lane_waiting: int = 0,
 ) -> PoolTimeoutError:
     """P2024, with the pool's state, the longest holders, and a self-deadlock named.
 
-    ``task``: the task that timed out (default: the current one).
+    ``task``: the task that timed out (default: the current one). ``lane``,
+    ``tenant``: the waiter's, in a pool with lanes (``lane_waiting``: the
+    others still waiting in that lane).
     """
     if task is None:
         task = current_task()
@@ -197,6 +200,12 @@ def timeout_error(
         f"connection limit: {limit}) "
         f"Pool state: {in_use} in use, {idle} idle, {opening} opening, {waiting} waiting."
     )
+    if lane is not None:
+        message += (
+            f" The waiter was in lane {lane!r}"
+            + (f", tenant {tenant!r}" if tenant is not None else ", no tenant")
+            + f" ({lane_waiting} still waiting in that lane)."
+        )
     own = sum(1 for rec in recs if rec.task is task) if task is not None else 0
     if own:
         # A task that acquires while it holds the pool's last connections waits
@@ -214,7 +223,7 @@ def timeout_error(
         message += " " + host_budget
     return PoolTimeoutError(
         message, timeout=waited, limit=limit, in_use=in_use, idle=idle, opening=opening,
-        waiting=waiting, holders=top,
+        waiting=waiting, holders=top, lane=lane, tenant=tenant,
     )
 
 

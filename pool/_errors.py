@@ -47,8 +47,13 @@ class PoolTimeoutError(PoolError, TimeoutError):
         opening: int,
         waiting: int,
         holders: tuple[Holder, ...] = (),
+        lane: str | None = None,
+        tenant: object = None,
     ) -> None:
         super().__init__(message)
+        #: the waiter's lane and tenant, in a pool with lanes (else None)
+        self.lane = lane
+        self.tenant = tenant
         self.timeout = timeout
         self.limit = limit
         self.in_use = in_use

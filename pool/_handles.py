@@ -6,9 +6,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
+    from ._acquiring import Flow
     from ._engine import Engine
 
-__all__ = ["Acquire", "Transaction"]
+__all__ = ["Acquire", "LaneAcquire", "Transaction"]
 
 C = TypeVar("C")
 
@@ -63,21 +64,48 @@ class Acquire(Generic[C]):
         await self._engine.release(conn, exc)
 
 
+class LaneAcquire(Acquire[C]):
+    """``db.acquire(lane=..., tenant=...)``: the same handle, always on the careful path.
+
+    A subclass, so that a plain ``acquire()`` pays nothing for lanes.
+    """
+
+    __slots__ = ("_flow",)
+
+    def __init__(self, engine: Engine[C], timeout: float | None, flow: Flow | None) -> None:
+        super().__init__(engine, timeout)
+        self._flow = flow
+
+    async def _await(self) -> C:
+        if self._flow is None:  # the default lane of a pool without lanes: plain FIFO
+            return await super()._await()
+        return await self._engine.acquire(self._timeout, self._flow)
+
+    async def __aenter__(self) -> C:
+        if self._flow is None:
+            return await super().__aenter__()
+        conn = await self._engine.acquire(self._timeout, self._flow)
+        self._conn = conn
+        self._lease = self._ledger.acquired  # (as in Acquire: nothing lent since ours)
+        return conn
+
+
 class Transaction(Generic[C]):
     """``async with db.transaction() as conn``: commit on success, roll back on error."""
 
-    __slots__ = ("_conn", "_engine", "_timeout")
+    __slots__ = ("_conn", "_engine", "_flow", "_timeout")
 
-    def __init__(self, engine: Engine[C], timeout: float | None) -> None:
+    def __init__(self, engine: Engine[C], timeout: float | None, flow: Flow | None = None) -> None:
         self._engine = engine
         self._timeout = timeout
+        self._flow = flow
         self._conn: C | None = None
 
     async def __aenter__(self) -> C:
         engine = self._engine
-        conn = engine.ledger.take_idle()
+        conn = engine.ledger.take_idle() if self._flow is None else None
         if conn is None:
-            conn = await engine.acquire(self._timeout)
+            conn = await engine.acquire(self._timeout, self._flow)
         try:
             await engine.driver.begin(conn)
         except BaseException as exc:

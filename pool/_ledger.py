@@ -22,11 +22,11 @@ len(busy) + opening <= limit``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from sys import _getframe
 from threading import get_ident
 from typing import TypeVar
@@ -36,6 +36,7 @@ from ._closing import Closing
 from ._conn import ANY_LEASE, BUSY, HANDED, IDLE, LENT, Conn
 from ._diagnosis import PACKAGE_FILES, outside_package, stamp_site
 from ._errors import ConnectError, PoolClosedError, PoolError
+from ._queue import Lane, Lanes, LaneState
 from ._state import (
     BROKEN,
     CHECK_FAILED,
@@ -51,6 +52,8 @@ from ._state import (
     RELEASED,
     RESET_FAILED,
     TIDY,
+    _never,
+    _none,
 )
 from ._waiters import Waiter
 
@@ -79,6 +82,32 @@ class Ledger(Closing[C]):
     Its state and shared steps are in ``_state.py``, its life-cycle steps in
     ``_closing.py``; here, the lending and the returns.
     """
+
+    # ------------------------------------------------------------ lanes
+
+    def use_lanes(self, lanes: Mapping[str, Lane]) -> Lanes:
+        """From now on, the wait queue has lanes (and tenants): a one-way switch.
+
+        At construction (``lanes=``), or at the first acquire that names a
+        tenant in a pool without lanes. O(waiting + lent) once: the waiters
+        queued so far join the default lane in their order, the connections
+        lent so far are counted as the default lane's.
+        """
+        queue = Lanes(lanes)
+        default = queue.default
+        queue.adopt(self.queue)
+        for rec in self.lent.values():
+            rec.lane = default
+            queue.charge(default)
+        default.acquired = self.acquired
+        self.queue = self.lanes = queue
+        self.waiters = queue.members
+        self.sleepers = queue.sleepers
+        # Every acquire and release takes the careful path, which keeps each
+        # lane's count; the fast paths stay those of a pool without lanes.
+        setattr(self, "take_idle", _none)  # noqa: B010
+        setattr(self, "give_back", _never)  # noqa: B010
+        return queue
 
     # ------------------------------------------------------------ the fast paths
 
@@ -147,9 +176,10 @@ class Ledger(Closing[C]):
             if self.size - self.limit > self.marked:
                 self._put(rec, now)  # resized down: _put() closes the surplus
                 return True
-            # _put(), inlined: the handoff to the oldest waiter (it stays lent)
-            waiter, _ = waiters.popitem(last=False)
-            self.sleepers.pop(waiter, None)
+            # _put(), inlined: the handoff to the oldest waiter (it stays lent).
+            # FIFO only (a pool with lanes never takes this fast release): the
+            # queue is not empty, pop() returns a waiter.
+            waiter: Waiter = self.queue.pop()  # type: ignore[assignment]
             rec.lent_at = now
             rec.handed = True
             rec.lease = HANDED  # no holder's release matches it until accept()
@@ -195,14 +225,28 @@ class Ledger(Closing[C]):
 
     # ------------------------------------------------------------ the slow acquire
 
-    def take_for(self) -> Conn | None:
+    def take_for(self, lane: LaneState | None = None) -> Conn | None:
         """Nobody waits: the newest usable idle connection, LENT, or BUSY if it needs a check.
 
         Dead and expired ones on the way are closed. None: none is idle, or
-        someone waits (then the caller queues behind them).
+        someone waits (then the caller queues behind them). ``lane``: the
+        caller's, in a pool with lanes; it is charged for the connection now,
+        checked or not, so that concurrent checks never take a lane past its
+        limit (:meth:`check_done` gives it back if the check fails).
         """
         idle = self.idle
-        while idle and not self.waiters and self.state is OPEN:
+        if lane is not None:
+            lanes: Lanes = self.lanes  # type: ignore[assignment]
+            if not (idle and lanes.may_take(lane) and self.state is OPEN):
+                return None
+            rec = self.take_for()  # (with the lane's waiters only, whom it may pass)
+            if rec is not None:
+                lanes.charge(lane)
+                if rec.state is LENT:
+                    rec.lane = lane
+                    lane.acquired += 1
+            return rec
+        while idle and (not self.waiters or self.lanes is not None) and self.state is OPEN:
             rec = idle.pop()
             now = time.monotonic()
             if (
@@ -220,8 +264,26 @@ class Ledger(Closing[C]):
             return rec
         return None
 
-    def check_done(self, rec: Conn, ok: bool) -> bool:
-        """A check ended. True: the connection is now lent to the caller that checked it."""
+    def check_done(self, rec: Conn, ok: bool, lane: LaneState | None = None) -> bool:
+        """A check ended. True: the connection is now lent to the caller that checked it.
+
+        ``lane``: the one :meth:`take_for` charged; given back if it is not lent.
+        """
+        if lane is None:
+            return self._checked(rec, ok)
+        if self._checked(rec, ok):
+            rec.lane = lane
+            lane.acquired += 1
+            return True
+        self._freed(lane)
+        return False
+
+    def uncharge(self, lane: LaneState | None) -> None:
+        """The caller that :meth:`take_for` charged ``lane`` for gave the connection up."""
+        if lane is not None:
+            self._freed(lane)
+
+    def _checked(self, rec: Conn, ok: bool) -> bool:
         if rec.state is not BUSY:
             return False  # disconnect() closed it meanwhile
         del self.busy[id(rec.raw)]
@@ -256,15 +318,13 @@ class Ledger(Closing[C]):
         return self.arrivals
 
     def enqueue(self, waiter: Waiter) -> None:
-        waiters = self.waiters
-        waiters[waiter] = None
         self.arrivals += 1
         waiter.arrival = self.arrivals
+        self.queue.push(waiter)
         # may_open()'s first test inlined: a full pool, the common case under load
-        if self.size < self.limit and self.opening < len(waiters) and self.may_open():
+        if self.size < self.limit and self.opening < len(self.waiters) and self.may_open():
+            self.queue.wake_to_open(waiter)
             self.reserve(waiter)
-        else:
-            self.sleepers[waiter] = None
 
     def enqueue_at(self, waiter: Waiter, arrival: int) -> None:
         """Queue a caller that arrived (``arrival``, from :meth:`arrive`) before it queues.
@@ -273,16 +333,10 @@ class Ledger(Closing[C]):
         retired by a drain, a resize, a failover): the younger callers that
         queued while it checked stay behind it. O(k) for the k of them.
         """
-        waiters = self.waiters
-        younger = list(itertools.takewhile(lambda w: w.arrival > arrival, reversed(waiters)))
-        waiter.arrival = arrival
-        waiters[waiter] = None
-        for behind in reversed(younger):
-            waiters.move_to_end(behind)
-        if self.size < self.limit and self.opening < len(waiters) and self.may_open():
+        self.queue.push_at(waiter, arrival)
+        if self.size < self.limit and self.opening < len(self.waiters) and self.may_open():
+            self.queue.wake_to_open(waiter)
             self.reserve(waiter)
-        else:
-            self.sleepers[waiter] = None
 
     def accept(self, waiter: Waiter, started: float, task: object) -> C | None:
         """A waiter that was handed a connection runs: lend it, unless the pool closed since.
@@ -301,17 +355,25 @@ class Ledger(Closing[C]):
             raise PoolClosedError("the pool was disconnected while this call waited")
         if rec.expires_at == -math.inf and not self._still_needed(rec, time.monotonic()):
             del self.lent[key]
+            lane, rec.lane = rec.lane, None
             waiter.rearm()
-            self._requeue_first(waiter)
+            # Back at the head of the queue: it was served before everyone still
+            # waiting. Except the waiters requeued the same way before it, handed
+            # a retired connection earlier in the same burst: they are older, and
+            # stay ahead (at most connection_limit of them).
+            self.queue.requeue_first(waiter)
             # It sleeps, first in line for the next free connection; the
             # youngest sleepers open the replacements (wake_openers), so that the
             # oldest waiter is not the one stuck in a connect when a
             # connection comes back for it.
-            self.sleepers[waiter] = None
-            self.sleepers.move_to_end(waiter, last=False)
+            self.queue.sleep_first(waiter)
+            if lane is not None:
+                self._freed(lane)  # (once it is back in line: it may be served first)
             self._retire(rec, rec.retire_reason or LIFETIME)  # (unmarked: its lifetime ended)
             return None
         now = time.monotonic()
+        if rec.lane is not None:
+            rec.lane.acquired += 1
         self.waited += 1
         self.wait_seconds += now - started
         rec.lent_at = now
@@ -333,21 +395,6 @@ class Ledger(Closing[C]):
         raw: C = rec.raw
         return raw
 
-    def _requeue_first(self, waiter: Waiter) -> None:
-        """Back at the head of the queue: it was served before everyone still waiting.
-
-        Except the waiters requeued the same way before it, handed a retired
-        connection earlier in the same burst: they are older, and stay ahead.
-        O(k) for the k of them at the head (at most the connections retired
-        while handed, so at most connection_limit), O(1) when alone.
-        """
-        waiters = self.waiters
-        older = list(itertools.takewhile(lambda w: w.arrival < waiter.arrival, waiters))
-        waiters[waiter] = None
-        waiters.move_to_end(waiter, last=False)
-        for ahead in reversed(older):
-            waiters.move_to_end(ahead, last=False)
-
     def abandon(self, waiter: Waiter) -> None:
         """A waiter gives up (timeout, cancellation, error): leave no trace."""
         rec = waiter.conn
@@ -356,8 +403,7 @@ class Ledger(Closing[C]):
             waiter.conn = None
             self._returned(rec)
         else:
-            self.waiters.pop(waiter, None)
-            self.sleepers.pop(waiter, None)
+            self.queue.remove(waiter)
         self.unreserve(waiter)
 
     def _returned(self, rec: Conn) -> None:
@@ -366,6 +412,7 @@ class Ledger(Closing[C]):
         key = id(rec.raw)
         if rec.state is LENT and self.lent.get(key) is rec:
             del self.lent[key]
+            self._lane_freed(rec)
             now = time.monotonic()
             if (
                 self.state is OPEN
@@ -481,6 +528,8 @@ class Ledger(Closing[C]):
                 return RELEASED, None  # disconnect() closed it while it was held
             raise PoolError("this connection is not lent by this pool (released twice?)")
         rec.task = None
+        if rec.lane is not None:
+            self._lane_freed(rec)
         if self.state is CLOSING:
             # disconnect() waits out its grace: close this one gracefully
             self._busy(rec)

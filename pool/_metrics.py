@@ -60,6 +60,9 @@ __all__ = [
 
 POOL_NAME: Final = "db.client.connection.pool.name"
 STATE: Final = "db.client.connection.state"
+#: a pool with lanes: which lane a wait or a pending request is in (our own
+#: attribute: the semantic conventions have none for it)
+LANE: Final = "pool.lane"
 
 #: seconds; a pool's waits and uses run from microseconds to its pool_timeout
 BUCKETS: Final = (
@@ -135,9 +138,19 @@ class _Instruments:
             "db.client.connection.idle.min", [observe(lambda ledger: 0)], unit=connection,
             description="The minimum number of idle open connections allowed",
         )
+        def pending(options: CallbackOptions) -> Iterator[Any]:
+            for engine in self.snapshot():
+                ledger = engine.ledger
+                attrs = engine.metrics.attributes  # type: ignore[union-attr]
+                if ledger.lanes is None:
+                    yield Observation(len(ledger.waiters), attrs)
+                    continue
+                for name, lane in ledger.lanes.by_name.items():  # one point per lane
+                    yield Observation(lane.waiting, {**attrs, LANE: name})
+
         meter.create_observable_up_down_counter(
             "db.client.connection.pending_requests",
-            [observe(lambda ledger: len(ledger.waiters))], unit="{request}",
+            [pending], unit="{request}",
             description="The number of current pending requests for an open connection",
         )
         meter.create_observable_counter(
@@ -206,15 +219,25 @@ def _version() -> str:
 class PoolMetrics:
     """What an instrumented pool records into: its attributes, and every meter's instruments."""
 
-    __slots__ = ("attributes", "sets")
+    __slots__ = ("attributes", "by_lane", "sets")
 
     def __init__(self, name: str) -> None:
         self.attributes: dict[str, str] = {POOL_NAME: name}
+        #: the attributes of each lane's waits (built once per lane)
+        self.by_lane: dict[str, dict[str, str]] = {}
         self.sets: list[_Instruments] = []
 
     def wait(self, seconds: float) -> None:
         for ins in self.sets:
             ins.wait_time.record(seconds, self.attributes)
+
+    def wait_in(self, seconds: float, lane: str) -> None:
+        """A wait in a pool with lanes: recorded with its lane."""
+        attributes = self.by_lane.get(lane)
+        if attributes is None:
+            attributes = self.by_lane[lane] = {**self.attributes, LANE: lane}
+        for ins in self.sets:
+            ins.wait_time.record(seconds, attributes)
 
     def create(self, seconds: float) -> None:
         for ins in self.sets:

@@ -17,19 +17,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
 
 from . import _config, _metrics, _registry
+from ._acquiring import Flow
 from ._driver import Driver, check_driver, load_driver
 from ._engine import Engine, Hook, Hooks
 from ._errors import ConfigError
-from ._handles import Acquire, Transaction
+from ._handles import Acquire, LaneAcquire, Transaction
 from ._ledger import CLOSE_REASONS, OPEN
-from ._stats import PoolStats
+from ._queue import DEFAULT_LANE, Lane, lanes_from
+from ._stats import LaneStats, PoolStats
 
 __all__ = ["Pool", "borrow", "driver_of", "give_back", "lends"]
 
@@ -56,6 +58,14 @@ class Pool(Generic[C]):
     OpenTelemetry metrics (see :func:`pool.instrument`), under ``name``
     (default ``host:port/database``, or the SQLite file's path).
 
+    ``lanes`` shares the pool between workloads: ``{"web": 3, "batch": 1}``
+    (weights), or :class:`pool.Lane` values with a ``limit`` on the
+    connections a lane may hold at once. While several lanes wait, each
+    receives grants in proportion to its weight; inside a lane, the tenants
+    (``acquire(tenant=...)``) with waiters take turns, and each tenant's
+    waiters are served oldest first. A lane ``"default"`` (weight 1) exists
+    unless configured. Without lanes and tenants the queue is strict FIFO.
+
     >>> db = Pool("postgresql://app@localhost/shop?connection_limit=5")
     >>> async with db.acquire() as conn:   # the driver's own connection
     ...     await conn.fetch("SELECT 1")
@@ -73,6 +83,7 @@ class Pool(Generic[C]):
         password: str | Callable[[], Any] | None = None,
         meter_provider: Any = None,
         name: str | None = None,
+        lanes: Mapping[str, int | Lane] | None = None,
         **overrides: object,
     ) -> None:
         hooks = Hooks(
@@ -104,6 +115,8 @@ class Pool(Generic[C]):
         self._engine: Engine[C] = Engine(
             driver, cfg, _config.secrets_of(parsed.driver_url), hooks
         )
+        if lanes is not None:
+            self._engine.use_lanes(lanes_from(lanes))
         self._ledger = self._engine.ledger
         self._before_exit: list[Callable[[], Awaitable[object]]] = []
         self._entered = 0
@@ -153,9 +166,30 @@ class Pool(Generic[C]):
             ),
             host_limit=None if host is None else host.limit,
             host_in_use=None if host is None else host.in_use(),
+            lanes=self._lane_stats(),
         )
 
-    def acquire(self, *, timeout: float | None = None) -> Acquire[C]:
+    def _lane_stats(self) -> dict[str, LaneStats]:
+        ledger = self._ledger
+        lanes = ledger.lanes
+        if lanes is None:  # one lane, the default: the whole pool
+            return {
+                DEFAULT_LANE: LaneStats(
+                    waiting=len(ledger.waiters), in_use=len(ledger.lent),
+                    acquired=ledger.acquired, weight=1, limit=None,
+                )
+            }
+        return {
+            name: LaneStats(
+                waiting=lane.waiting, in_use=lane.held, acquired=lane.acquired,
+                weight=lane.weight, limit=lane.limit if lane.limit < 1 << 62 else None,
+            )
+            for name, lane in lanes.by_name.items()
+        }
+
+    def acquire(
+        self, *, timeout: float | None = None, lane: str | None = None, tenant: Hashable = None
+    ) -> Acquire[C]:
         """Borrow a connection: ``async with db.acquire() as conn`` or ``await``.
 
         With ``await``, give it back with :meth:`release`. Waiters are served
@@ -164,10 +198,16 @@ class Pool(Generic[C]):
         pool's ``pool_timeout`` (10 s unless set), not "wait forever" as in
         asyncpg's ``acquire(timeout=None)``: pass ``timeout=0`` for that. On
         expiry it raises :class:`PoolTimeoutError` (P2024).
+
+        ``lane``: one of the pool's ``lanes`` (default ``"default"``); an
+        unknown one raises :class:`ConfigError` here, before any wait.
+        ``tenant``: any hashable key; the tenants waiting in a lane take turns.
         """
         if timeout is not None:
             _config.check_seconds("timeout", timeout)
-        return Acquire(self._engine, timeout)
+        if lane is None and tenant is None:
+            return Acquire(self._engine, timeout)
+        return LaneAcquire(self._engine, timeout, self._engine.flow(lane, tenant))
 
     async def release(self, conn: C) -> None:
         """Give back a connection taken with ``await db.acquire()``.
@@ -182,32 +222,59 @@ class Pool(Generic[C]):
         if not ledger.give_back(conn, ledger.lease_of(conn)):
             await self._engine.release(conn, None)
 
-    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Any]:
+    async def fetch(
+        self, sql: str, *args: Any, timeout: float | None = None, lane: str | None = None,
+        tenant: Hashable = None,
+    ) -> list[Any]:
         """Run a query on a pooled connection and return all rows.
 
         ``timeout`` bounds the query (as asyncpg's does); the wait for a
-        connection keeps ``pool_timeout``.
+        connection keeps ``pool_timeout``. ``lane`` and ``tenant``: as for
+        :meth:`acquire`, here and in every query helper.
         """
-        rows: list[Any] = await self._run(self._driver.fetch, sql, args, timeout)
+        rows: list[Any] = await self._run(
+            self._driver.fetch, sql, args, timeout, self._flow(lane, tenant)
+        )
         return rows
 
-    async def fetchrow(self, sql: str, *args: Any, timeout: float | None = None) -> Any | None:
+    async def fetchrow(
+        self, sql: str, *args: Any, timeout: float | None = None, lane: str | None = None,
+        tenant: Hashable = None,
+    ) -> Any | None:
         """Run a query and return its first row, or None."""
-        return await self._run(self._driver.fetchrow, sql, args, timeout)
+        return await self._run(
+            self._driver.fetchrow, sql, args, timeout, self._flow(lane, tenant)
+        )
 
-    async def fetchval(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
+    async def fetchval(
+        self, sql: str, *args: Any, timeout: float | None = None, lane: str | None = None,
+        tenant: Hashable = None,
+    ) -> Any:
         """Run a query and return the first column of its first row."""
-        return await self._run(self._driver.fetchval, sql, args, timeout)
+        return await self._run(
+            self._driver.fetchval, sql, args, timeout, self._flow(lane, tenant)
+        )
 
-    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
+    async def execute(
+        self, sql: str, *args: Any, timeout: float | None = None, lane: str | None = None,
+        tenant: Hashable = None,
+    ) -> Any:
         """Run a statement; returns what the driver returns (status or row count)."""
-        return await self._run(self._driver.execute, sql, args, timeout)
+        return await self._run(
+            self._driver.execute, sql, args, timeout, self._flow(lane, tenant)
+        )
 
     async def executemany(
-        self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+        self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None,
+        lane: str | None = None, tenant: Hashable = None,
     ) -> None:
         """Run a statement once per argument tuple, all or nothing (as asyncpg's does)."""
-        await self._run(self._driver.executemany, sql, args, timeout)
+        await self._run(self._driver.executemany, sql, args, timeout, self._flow(lane, tenant))
+
+    def _flow(self, lane: str | None, tenant: Hashable) -> Flow | None:
+        if lane is None and tenant is None:
+            return None
+        return self._engine.flow(lane, tenant)
 
     async def _run(
         self,
@@ -215,6 +282,7 @@ class Pool(Generic[C]):
         sql: str,
         args: Any,
         timeout: float | None,
+        flow: Flow | None = None,
     ) -> Any:
         """Acquire, run one driver call, release: the body of the query helpers."""
         if type(sql) is not str:
@@ -222,9 +290,9 @@ class Pool(Generic[C]):
         if timeout is not None:
             _config.check_seconds("timeout", timeout)
         ledger = self._ledger
-        conn = ledger.take_idle()
+        conn = ledger.take_idle() if flow is None else None
         if conn is None:
-            conn = await self._engine.acquire(None)
+            conn = await self._engine.acquire(None, flow)
         try:
             result = await (
                 call(conn, sql, args) if timeout is None else call(conn, sql, args, timeout)
@@ -236,15 +304,17 @@ class Pool(Generic[C]):
             await self._engine.release(conn, None)
         return result
 
-    def transaction(self, *, timeout: float | None = None) -> Transaction[C]:
+    def transaction(
+        self, *, timeout: float | None = None, lane: str | None = None, tenant: Hashable = None
+    ) -> Transaction[C]:
         """``async with db.transaction() as conn``: commit on success, roll back on error.
 
         Cancellation rolls back too: the connection is closed, which makes the
-        server discard the transaction.
+        server discard the transaction. ``lane``, ``tenant``: as for :meth:`acquire`.
         """
         if timeout is not None:
             _config.check_seconds("timeout", timeout)
-        return Transaction(self._engine, timeout)
+        return Transaction(self._engine, timeout, self._flow(lane, tenant))
 
     async def connect(self) -> None:
         """Open one connection now (Prisma's ``$connect``), so a bad URL fails at start-up.
@@ -428,11 +498,14 @@ def driver_of(pool: Pool[C]) -> Driver[C]:
     return pool._driver
 
 
-async def borrow(pool: Pool[C], wait_for: float | None) -> C:
+async def borrow(
+    pool: Pool[C], wait_for: float | None, lane: str | None = None, tenant: Hashable = None
+) -> C:
     """Acquire from ``pool`` (fast path first), for a handle of another module."""
-    conn = pool._ledger.take_idle()
+    flow = pool._flow(lane, tenant)
+    conn = pool._ledger.take_idle() if flow is None else None
     if conn is None:
-        conn = await pool._engine.acquire(wait_for)
+        conn = await pool._engine.acquire(wait_for, flow)
     return conn
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
@@ -236,34 +236,64 @@ class Replicated:
                 self._mark_down(member, exc)
         raise AssertionError("unreachable: the primary ends every read order")
 
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        """All rows, from a replica."""
-        result: list[Any] = await self._read(lambda p: p.fetch(sql, *args), "fetch", sql, args)
+    async def fetch(
+        self, sql: str, *args: Any, lane: str | None = None, tenant: Hashable = None
+    ) -> list[Any]:
+        """All rows, from a replica. ``lane``, ``tenant``: passed on (see :meth:`Pool.acquire`)."""
+        self._check_flow(lane, tenant)
+        result: list[Any] = await self._read(
+            lambda p: p.fetch(sql, *args, lane=lane, tenant=tenant), "fetch", sql, args
+        )
         return result
 
-    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+    async def fetchrow(
+        self, sql: str, *args: Any, lane: str | None = None, tenant: Hashable = None
+    ) -> Any | None:
         """The first row or None, from a replica."""
-        return await self._read(lambda p: p.fetchrow(sql, *args), "fetchrow", sql, args)
+        self._check_flow(lane, tenant)
+        return await self._read(
+            lambda p: p.fetchrow(sql, *args, lane=lane, tenant=tenant), "fetchrow", sql, args
+        )
 
-    async def fetchval(self, sql: str, *args: Any) -> Any:
+    async def fetchval(
+        self, sql: str, *args: Any, lane: str | None = None, tenant: Hashable = None
+    ) -> Any:
         """The first column of the first row, from a replica."""
-        return await self._read(lambda p: p.fetchval(sql, *args), "fetchval", sql, args)
+        self._check_flow(lane, tenant)
+        return await self._read(
+            lambda p: p.fetchval(sql, *args, lane=lane, tenant=tenant), "fetchval", sql, args
+        )
 
-    async def execute(self, sql: str, *args: Any) -> Any:
+    async def execute(
+        self, sql: str, *args: Any, lane: str | None = None, tenant: Hashable = None
+    ) -> Any:
         """A statement, on the primary (inside a transaction: on its connection)."""
+        self._check_flow(lane, tenant)
         conn = self._transaction_conn("execute")
         self._wrote()
         if conn is not None:
             return await driver_of(self._primary).execute(conn, sql, args)
-        return await self._primary.execute(sql, *args)
+        return await self._primary.execute(sql, *args, lane=lane, tenant=tenant)
 
-    def transaction(self, *, timeout: float | None = None) -> _ReplicatedTransaction:
+    def transaction(
+        self, *, timeout: float | None = None, lane: str | None = None, tenant: Hashable = None
+    ) -> _ReplicatedTransaction:
         """``async with rp.transaction() as conn``: on the primary; reads follow it there."""
-        return _ReplicatedTransaction(self, timeout)
+        return _ReplicatedTransaction(self, timeout, lane, tenant)
 
-    def acquire(self, *, readonly: bool = False, timeout: float | None = None) -> _Acquire:
+    def acquire(
+        self, *, readonly: bool = False, timeout: float | None = None, lane: str | None = None,
+        tenant: Hashable = None,
+    ) -> _Acquire:
         """A connection from a replica with ``readonly=True``, else from the primary."""
-        return _Acquire(self, readonly, timeout)
+        self._check_flow(lane, tenant)
+        return _Acquire(self, readonly, timeout, lane, tenant)
+
+    def _check_flow(self, lane: str | None, tenant: Hashable) -> None:
+        """An unknown lane is refused at once (every member has the same lanes)."""
+        if lane is not None or tenant is not None:
+            for member in (self._primary, *self._replicas):
+                member._flow(lane, tenant)
 
     async def release(self, conn: Any) -> None:
         """Give back a connection taken with ``await rp.acquire(...)``."""
@@ -358,9 +388,11 @@ async def _disconnect(member: Pool[Any], grace: float) -> None:
 class _ReplicatedTransaction:
     __slots__ = ("_inner", "_owner", "_record", "_token")
 
-    def __init__(self, owner: Replicated, timeout: float | None) -> None:
+    def __init__(
+        self, owner: Replicated, timeout: float | None, lane: str | None, tenant: Hashable
+    ) -> None:
         self._owner = owner
-        self._inner = owner._primary.transaction(timeout=timeout)
+        self._inner = owner._primary.transaction(timeout=timeout, lane=lane, tenant=tenant)
         self._token: Any = None
         self._record: _OpenTransaction | None = None
 
@@ -394,10 +426,15 @@ class _ReplicatedTransaction:
 
 
 class _Acquire:
-    __slots__ = ("_conn", "_member", "_owner", "_readonly", "_timeout")
+    __slots__ = ("_conn", "_lane", "_member", "_owner", "_readonly", "_tenant", "_timeout")
 
-    def __init__(self, owner: Replicated, readonly: bool, timeout: float | None) -> None:
+    def __init__(
+        self, owner: Replicated, readonly: bool, timeout: float | None, lane: str | None,
+        tenant: Hashable,
+    ) -> None:
         self._owner = owner
+        self._lane = lane
+        self._tenant = tenant
         self._readonly = readonly
         self._timeout = timeout
         self._conn: Any = None
@@ -411,16 +448,16 @@ class _Acquire:
             or owner._reads_go_to_primary()
         ):
             self._member = owner._primary
-            return await borrow(owner._primary, self._timeout)
+            return await borrow(owner._primary, self._timeout, self._lane, self._tenant)
         for member in owner._read_order():
             self._member = member
             if member is owner._primary:
                 break
             try:
-                return await borrow(member, self._timeout)
+                return await borrow(member, self._timeout, self._lane, self._tenant)
             except ConnectError as exc:
                 owner._mark_down(member, exc)
-        return await borrow(owner._primary, self._timeout)
+        return await borrow(owner._primary, self._timeout, self._lane, self._tenant)
 
     def __await__(self) -> Any:
         return self._take().__await__()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
@@ -20,6 +20,7 @@ import anyio
 
 from ._breaker import Breaker
 from ._conn import BUSY, CLOSED, HANDED, IDLE, LENT, Conn
+from ._queue import Fifo, Lanes, LaneState, WaitQueue
 from ._shims import TaskRegistry
 from ._waiters import Deadlines, Waiter
 
@@ -132,10 +133,15 @@ class LedgerState(Generic[C]):
         self.busy: dict[int, Conn] = {}
         #: closed by disconnect() while held: their holders may still release them
         self.orphans: dict[int, Conn] = {}
-        #: FIFO of waiters (an ordered dict: O(1) removal from the middle)
-        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
-        #: the waiters not opening a connection themselves, to wake one in O(1)
-        self.sleepers: OrderedDict[Waiter, None] = OrderedDict()
+        #: the wait queue (see _queue.py): every edit of it goes through its methods
+        self.queue: WaitQueue = Fifo()
+        #: the same queue when it has lanes (None: strict FIFO, and the fast paths)
+        self.lanes: Lanes | None = None
+        #: the queue's waiters, oldest first, and its sleepers (the waiters not
+        #: opening a connection themselves): read here (len, truth, membership)
+        #: as plain dicts, as cheaply as before the queue was a component
+        self.waiters = self.queue.members
+        self.sleepers = self.queue.sleepers
         self.deadlines = Deadlines()
         #: waiters queued so far: each one's arrival number (FIFO order when requeued)
         self.arrivals = 0
@@ -188,10 +194,13 @@ class LedgerState(Generic[C]):
             # it too would shrink the pool below its limit, and reopen.
             self._retire(rec, rec.retire_reason or RESIZE)
             return
-        waiters = self.waiters
-        if waiters:
-            waiter, _ = waiters.popitem(last=False)
-            self.sleepers.pop(waiter, None)
+        if self.waiters:
+            waiter = self.queue.pop()
+            if waiter is None:  # lanes: every waiter's lane is at its limit
+                self._keep_idle(rec, now)
+                return
+            if self.lanes is not None:
+                rec.lane = waiter.lane  # charged to it by pop(): it frees it when it leaves
             rec.state = LENT
             rec.lent_at = now
             rec.handed = True
@@ -200,11 +209,45 @@ class LedgerState(Generic[C]):
             waiter.conn = rec
             waiter.wake()
         else:
-            rec.state = IDLE
-            rec.idle_since = now
-            fresh = now + rec.fresh_for
-            rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
-            self.idle.append(rec)
+            self._keep_idle(rec, now)
+
+    def _keep_idle(self, rec: Conn, now: float) -> None:
+        rec.state = IDLE
+        rec.idle_since = now
+        fresh = now + rec.fresh_for
+        rec.fresh_until = fresh if fresh < rec.expires_at else rec.expires_at
+        self.idle.append(rec)
+
+    def _lane_freed(self, rec: Conn) -> None:
+        """``rec`` leaves the lent: its lane, if any, holds one connection less."""
+        lane = rec.lane
+        if lane is not None:
+            rec.lane = None
+            self._freed(lane)
+
+    def _freed(self, lane: LaneState) -> None:
+        """``lane`` holds one connection less: if that lifts its limit, serve its waiters."""
+        lanes: Lanes = self.lanes  # type: ignore[assignment]  # (a lane: the pool has lanes)
+        lanes.freed(lane)
+        if not lanes.servable:
+            return
+        if not self.idle:
+            # Its waiters are demand again: there may be room to open for them
+            # (they were not counted while their lane was at its limit).
+            self.wake_openers()
+            return
+        # Its waiters were passed over while connections sat idle (their lane
+        # was at its limit): now they may have them. A fresh one is handed on
+        # as a release hands it; a doubtful one (idle past health_check_after,
+        # or every lending checked by a hook) would need a check that only an
+        # acquiring caller runs: it is closed, and a waiter opens a new one.
+        now = time.monotonic()
+        while self.idle and lanes.servable and self.state is OPEN:
+            rec = self.idle.pop()
+            if self.check_every_lending or now >= rec.fresh_until or not self.is_alive(rec.raw):
+                self._retire(rec, IDLE_EXPIRY)
+            else:
+                self._put(rec, now)
 
     def _busy(self, rec: Conn) -> None:
         rec.state = BUSY
@@ -282,6 +325,8 @@ class LedgerState(Generic[C]):
         """Is there spare capacity, and demand not yet covered by an opening?"""
         if self.size >= self.limit or self.opening >= len(self.waiters):
             return False
+        if self.lanes is not None and self.opening >= self.lanes.servable:
+            return False  # the rest wait in lanes at their limit: a connection would idle
         if self.breaker.failures:
             # The breaker is open: after the back-off, exactly one probe at a time.
             return self.opening == 0 and time.monotonic() >= self.breaker.until
@@ -306,7 +351,7 @@ class LedgerState(Generic[C]):
     def wake_openers(self) -> None:
         """Capacity freed up while callers sleep: wake some to open connections."""
         while self.sleepers and self.may_open():
-            waiter, _ = self.sleepers.popitem(last=True)
+            waiter = self.queue.next_opener()
             self.reserve(waiter)
             waiter.wake()
         if self.waiters and self.hopeless():
@@ -327,5 +372,4 @@ class LedgerState(Generic[C]):
         for waiter in self.waiters:
             waiter.error = error
             waiter.wake()
-        self.waiters.clear()
-        self.sleepers.clear()
+        self.queue.clear()

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["PoolStats"]
+__all__ = ["LaneStats", "PoolStats"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaneStats:
+    """One lane in ``PoolStats.lanes``: its share of the pool now, and its total."""
+
+    #: callers waiting in the lane
+    waiting: int
+    #: connections lent to the lane now (to a holder, or handed to a waiter about to run)
+    in_use: int
+    #: connections lent to the lane, in all
+    acquired: int
+    #: its weight: its share of the grants while several lanes wait
+    weight: int
+    #: the most connections it may hold at once (None: only the pool's limit)
+    limit: int | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +71,9 @@ class PoolStats:
     host_limit: int | None = None
     #: that budget's slots held now, by every process on this machine (None when off)
     host_in_use: int | None = None
+    #: per lane (``"default"`` alone in a pool without lanes): waiting, in use, acquired
+    lanes: Mapping[str, LaneStats] = field(default_factory=dict)
 
 
 PoolStats.__module__ = "pool"
+LaneStats.__module__ = "pool"

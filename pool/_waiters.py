@@ -21,15 +21,26 @@ from typing import TYPE_CHECKING
 import anyio
 
 if TYPE_CHECKING:
+    from collections.abc import Hashable
+
     from ._conn import Conn
+    from ._queue import LaneState
 
 __all__ = ["AsyncioWaiter", "Deadlines", "TrioWaiter", "Waiter"]
 
 
 class _WaiterBase:
     __slots__ = (
-        "arrival", "conn", "deadline", "error", "opening", "reserved", "started", "timed_out",
+        "arrival", "conn", "deadline", "error", "lane", "opening", "reserved", "started",
+        "tenant", "timed_out",
     )
+
+    # Set only in a pool with lanes (see _queue.Lanes), before it queues: a
+    # FIFO pool's waiters never carry them, and pay not even a store for them.
+    #: its lane
+    lane: LaneState
+    #: its tenant's key within the lane (None: the lane's anonymous tenant)
+    tenant: Hashable
 
     def __init__(self) -> None:
         self.conn: Conn | None = None

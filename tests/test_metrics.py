@@ -311,3 +311,36 @@ async def test_importing_pool_imports_no_opentelemetry() -> None:
         "assert pool.instrument.__module__ == 'pool'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_lanes_carry_their_lane(
+    reader: tuple[MeterProvider, InMemoryMetricReader]
+) -> None:
+    mp, r = reader
+    from tests.fakedriver import FakeDriver
+
+    db: pool.Pool[Any] = pool.Pool(
+        "fake://m", driver=FakeDriver(), connection_limit=1, meter_provider=mp, name="lanes",
+        lanes={"web": 2, "batch": 1},
+    )
+    holder = await db.acquire(lane="web")
+
+    async def worker(lane: str) -> None:
+        async with db.acquire(lane=lane, tenant="t"):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        for lane in ("web", "batch", "batch"):
+            tg.start_soon(worker, lane)
+        await wait_all_tasks_blocked()
+        reading = Reading(r)
+        name = "db.client.connection.pending_requests"
+        assert reading.value(name, "lanes", pool_lane="web") == 1
+        assert reading.value(name, "lanes", pool_lane="batch") == 2
+        assert reading.value(name, "lanes", pool_lane="default") == 0
+        await db.release(holder)
+    reading = Reading(r)
+    waits = {a.get("pool.lane"): p.count for a, p in reading.points(
+        "db.client.connection.wait_time", "lanes")}
+    # (the holder's acquire waited too: for the pool's first connect)
+    assert waits == {"web": 2, "batch": 2}

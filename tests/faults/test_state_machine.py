@@ -42,6 +42,15 @@ After every step, with every task of the loop run until it blocks or ends:
   it first queued or first claimed an idle connection to check it (so a client
   whose checked or handed connection was retired stays ahead of every later
   one); a client with a timeout never waits past it (checks included);
+* with lanes and tenants (drawn per example: lanes ``web`` of weight 2 and
+  ``batch`` of weight 1 capped at one connection, beside ``default``; clients
+  in a lane with a tenant, or none): FIFO inside a tenant (the rule above,
+  among the clients of the same lane and tenant), a lane's limit never
+  exceeded, and the weighted share in its per-grant form, which is also "no
+  lane starved": while a lane of weight ``w`` could be served (it has waiters
+  and is under its limit), another lane of weight ``v`` receives at most
+  ``ceil(v / w) + 1`` grants before it is served (start-time fair queuing's
+  bound);
 * resize: a held connection is closed by a resize only if it was surplus then
   (the pool, less the connections already on their way out, above the limit);
 * drain: no connection whose connect began before a ``drain()`` is lent after
@@ -73,6 +82,7 @@ import asyncio
 import itertools
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -384,11 +394,27 @@ class Client(Job):
     in_tx: bool = False
     #: what the holder does next: "release", "query", "raise"
     command: str = "release"
+    #: its lane and tenant, in a pool with lanes (None: the plain acquire)
+    lane: str | None = None
+    tenant: str | None = None
     error: BaseException | None = None
     go: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __repr__(self) -> str:
         return f"<client {self.ticket} {self.kind} {self.state} {self.conn!r}>"
+
+
+#: the lanes of an example with lanes: a capped one, and a default one beside them
+LANES: dict[str, int | pool.Lane] = {"web": 2, "batch": pool.Lane(weight=1, limit=1)}
+LANE_WEIGHTS = {"web": 2, "batch": 1, "default": 1}
+#: (lane, tenant) a client may draw: the plain acquire, tenants in lanes, a lane alone
+FLOWS: list[tuple[str | None, str | None]] = [
+    (None, None), ("web", "a"), ("web", "b"), ("batch", "a"), ("batch", None), (None, "b"),
+]
+
+
+def flow_of(c: Client) -> tuple[str, str | None]:
+    return (c.lane or "default", c.tenant)
 
 
 def blocked(task: asyncio.Task[Any]) -> bool:
@@ -428,9 +454,12 @@ class PoolMachine(RuleBasedStateMachine):
         reset_session: bool = False,
         recover: bool = False,
         failover: bool = False,
+        lanes: bool = False,
     ) -> None:
         """Build the pool for this example (before any step has run)."""
         self.driver = ModelDriver(self.violations, recover=recover, failover=failover)
+        self.lanes_on = lanes
+        extra: dict[str, Any] = {"lanes": LANES} if lanes else {}
         self.db: pool.Pool[ModelConnection] = pool.Pool(
             "model://machine",
             driver=self.driver,
@@ -442,6 +471,7 @@ class PoolMachine(RuleBasedStateMachine):
             leak_detection_threshold=0.1,
             reset_session=reset_session,
             **hooks_for(self.driver, hooks),
+            **extra,
         )
         self.db.on_before_exit(self.before_exit)
         self.driver.after_commit = self._committed
@@ -453,11 +483,13 @@ class PoolMachine(RuleBasedStateMachine):
         reset_session=st.booleans(),
         recover=st.booleans(),
         failover=st.booleans(),
+        lanes=st.booleans(),
     )
     def configure_the_pool(
-        self, hooks: list[str], reset_session: bool, recover: bool, failover: bool
+        self, hooks: list[str], reset_session: bool, recover: bool, failover: bool,
+        lanes: bool = False,
     ) -> None:
-        self.setup(sorted(hooks), reset_session, recover, failover)
+        self.setup(sorted(hooks), reset_session, recover, failover, lanes)
 
     def _committed(self) -> None:
         task = asyncio.current_task()
@@ -533,6 +565,41 @@ class PoolMachine(RuleBasedStateMachine):
                     )
             retire(rec, reason)
 
+        put = ledger._put
+        #: (lane, other): grants to ``other`` since ``lane`` could be served and was last
+        passed: Counter[tuple[str, str]] = Counter()
+
+        def watched_put(rec: Any, now: float) -> None:
+            lanes = ledger.lanes
+            if lanes is None:
+                put(rec, now)
+                return
+            # the lanes that could be served as this connection is placed
+            servable = {
+                name: state.held
+                for name, state in lanes.by_name.items()
+                if state.waiting and state.held < state.limit
+            }
+            put(rec, now)
+            served = [name for name, held in servable.items() if lanes.by_name[name].held > held]
+            if not served:
+                return
+            (got,) = served
+            for name in LANE_WEIGHTS:
+                if name == got or name not in servable:
+                    for other in LANE_WEIGHTS:
+                        passed[name, other] = 0  # served, or nothing to serve: a new count
+                    continue
+                passed[name, got] += 1
+                bound = math.ceil(LANE_WEIGHTS[got] / LANE_WEIGHTS[name]) + 1
+                if passed[name, got] > bound:
+                    self.flag(
+                        "share",
+                        f"lane {name} could be served and lane {got} was served "
+                        f"{passed[name, got]} times meanwhile (bound {bound})",
+                    )
+
+        ledger._put = watched_put  # type: ignore[method-assign]
         ledger.take_for = watched_take_for  # type: ignore[method-assign]
         ledger.enqueue = watched_enqueue  # type: ignore[method-assign]
         ledger.enqueue_at = watched_enqueue_at  # type: ignore[method-assign]
@@ -582,20 +649,23 @@ class PoolMachine(RuleBasedStateMachine):
 
     async def client(self, c: Client) -> None:
         c.started = CLOCK.now
+        flow: dict[str, Any] = {}
+        if self.lanes_on and (c.lane is not None or c.tenant is not None):
+            flow = {"lane": c.lane, "tenant": c.tenant}
         try:
             if c.kind == "tx":
-                async with self.db.transaction(timeout=c.timeout) as conn:
+                async with self.db.transaction(timeout=c.timeout, **flow) as conn:
                     await self.hold(c, conn)
                     c.state = "committing"
             elif c.kind == "await":
-                conn = await self.db.acquire(timeout=c.timeout)
+                conn = await self.db.acquire(timeout=c.timeout, **flow)
                 try:
                     await self.hold(c, conn)
                 finally:
                     c.state = "releasing"
                     await self.db.release(conn)
             else:
-                async with self.db.acquire(timeout=c.timeout) as conn:
+                async with self.db.acquire(timeout=c.timeout, **flow) as conn:
                     await self.hold(c, conn)
             c.state = "released"
         except pool.PoolTimeoutError as exc:
@@ -644,9 +714,20 @@ class PoolMachine(RuleBasedStateMachine):
             c.place = next(self.places)
         waiters = self.ledger.waiters
         queued = [o for o in self.clients if o.waiter is not None and o.waiter in waiters]
+        if self.lanes_on:  # FIFO inside a tenant: among the clients of its lane and tenant
+            queued = [o for o in queued if flow_of(o) == flow_of(c)]
         older = [o.ticket for o in queued if o.place is not None and o.place < c.place]
         if older:
             self.flag("fifo", f"client {c.ticket} was served before queued {older}")
+        if self.lanes_on and c.lane == "batch":
+            # (a holder whose connection disconnect() closed holds nothing of the lane's)
+            others = [
+                o.ticket
+                for o in self.holders()
+                if o.lane == "batch" and o is not c and id(o.conn) in self.ledger.lent
+            ]
+            if len(others) + 1 > LANES["batch"].limit:  # type: ignore[union-attr,operator]
+                self.flag("lane-limit", f"client {c.ticket} lent beside {others} in lane batch")
         if conn.closed or conn.killed:
             self.violations.append(f"client {c.ticket} was lent {conn!r}")
         if conn.ops:
@@ -665,9 +746,13 @@ class PoolMachine(RuleBasedStateMachine):
     def holders(self) -> list[Client]:
         return [c for c in self.clients if c.state in HOLDING]
 
-    def spawn(self, timeout: float | None, kind: str = "ctx") -> None:
+    def spawn(
+        self, timeout: float | None, kind: str = "ctx", flow: tuple[str | None, str | None] = (
+            None, None)
+    ) -> None:
         ticket = next(self.tickets)
         c = Client(f"client {ticket}", ticket=ticket, timeout=timeout, kind=kind)
+        c.lane, c.tenant = flow if self.lanes_on else (None, None)
         self.clients.append(c)
         self.start(c, lambda: self.client(c))
 
@@ -675,18 +760,22 @@ class PoolMachine(RuleBasedStateMachine):
 
     def room_for_a_client(self) -> bool:
         """A few clients beyond the limit: enough to queue, few enough to explore deep."""
-        return sum(c.running for c in self.clients) < LIMIT + 3
+        return sum(c.running for c in self.clients) < LIMIT + (5 if self.lanes_on else 3)
 
     @precondition(room_for_a_client)
-    @rule(kind=st.sampled_from(["ctx", "await", "tx"]))
-    def acquire(self, kind: str = "ctx") -> None:
+    @rule(kind=st.sampled_from(["ctx", "await", "tx"]), flow=st.sampled_from(FLOWS))
+    def acquire(
+        self, kind: str = "ctx", flow: tuple[str | None, str | None] = (None, None)
+    ) -> None:
         """Also the reconnect: after disconnect(), an acquire reopens the pool."""
-        self.spawn(None, kind)
+        self.spawn(None, kind, flow)
 
     @precondition(room_for_a_client)
-    @rule(kind=st.sampled_from(["ctx", "await", "tx"]))
-    def acquire_with_a_tiny_timeout(self, kind: str = "ctx") -> None:
-        self.spawn(0.001, kind)
+    @rule(kind=st.sampled_from(["ctx", "await", "tx"]), flow=st.sampled_from(FLOWS))
+    def acquire_with_a_tiny_timeout(
+        self, kind: str = "ctx", flow: tuple[str | None, str | None] = (None, None)
+    ) -> None:
+        self.spawn(0.001, kind, flow)
 
     def holding(self) -> list[Client]:
         return [c for c in self.clients if c.state == "holding"]
@@ -936,6 +1025,9 @@ class PoolMachine(RuleBasedStateMachine):
         s = self.db.stats()
         if not s.waiting:
             return
+        lanes = self.ledger.lanes
+        if lanes is not None and not lanes.servable:
+            return  # only waiters of lanes at their limit: nothing may go to them
         assert s.idle == 0, f"callers wait while a connection sits idle: {s}"
         if not self.ledger.breaker.failures:
             # connects work: spare capacity must be in use by an opening
