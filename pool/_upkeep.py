@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from . import _diagnosis, _hostlimit
@@ -159,34 +160,20 @@ async def _run(ref: weakref.ref[Upkeep]) -> None:
                 # as the event loop ends (a program that returns right after
                 # its first use of the pool, a refused connect()) is cancelled
                 # before it ever runs, and anyio leaves its coroutine "never
-                # awaited". The work handed over wakes this loop instead, and
-                # the host budget's part starts one step later.
+                # awaited". One checkpoint first: an ending loop cancels us there.
                 await anyio.lowlevel.checkpoint()
+                tg.start_soon(_finish_all, ref, tg)
                 if host_ref is not None:
                     tg.start_soon(_hostlimit.run, host_ref, tg)
-                next_tick = anyio.current_time() + tick
                 while True:
+                    await anyio.sleep(tick)
                     upkeep = ref()
-                    wakeup = upkeep._wakeup if upkeep is not None else None
-                    if wakeup is None:
-                        return  # collected, or forgotten (after a fork)
-                    del upkeep  # not held while it sleeps
-                    with anyio.move_on_after(max(0.0, next_tick - anyio.current_time())):
-                        await wakeup.wait()
-                    upkeep = ref()
-                    if upkeep is None or upkeep._wakeup is not wakeup:
+                    if upkeep is None:  # the pool was collected
                         return
-                    if wakeup.is_set():
-                        # each piece of work handed over, in a task of its own
-                        upkeep._wakeup = anyio.Event()
-                        while upkeep._pending:
-                            tg.start_soon(_finish, *upkeep._pending.popleft())
-                    if anyio.current_time() >= next_tick:
-                        next_tick = anyio.current_time() + tick
-                        try:
-                            await upkeep.once()
-                        except Exception:  # upkeep must never take the pool down
-                            logger.exception("pool upkeep failed; it will run again")
+                    try:
+                        await upkeep.once()
+                    except Exception:  # upkeep must never take the pool down
+                        logger.exception("pool upkeep failed; it will run again")
                     del upkeep
     finally:
         done.set()
@@ -197,6 +184,24 @@ async def _run(ref: weakref.ref[Upkeep]) -> None:
             # tasks), or the upkeep died. No disconnect() will come: close
             # every connection now, while the loop still runs.
             upkeep._engine.loop_ended("The event loop this pool ran on ended")
+
+
+async def _finish_all(ref: weakref.ref[Upkeep], tg: anyio.abc.TaskGroup) -> None:
+    """Each piece of work handed over, in a task of its own."""
+    while True:
+        upkeep = ref()
+        wakeup = upkeep._wakeup if upkeep is not None else None
+        if wakeup is None:
+            return
+        del upkeep  # not held while it sleeps
+        await wakeup.wait()
+        upkeep = ref()
+        if upkeep is None or upkeep._wakeup is not wakeup:
+            return  # collected, or forgotten (stopped, or the parent's after a fork)
+        upkeep._wakeup = anyio.Event()
+        while upkeep._pending:
+            tg.start_soon(_finish, *upkeep._pending.popleft())
+        del upkeep
 
 
 async def _finish(work: Callable[[], Awaitable[None]], fallback: Callable[[], None]) -> None:
