@@ -20,6 +20,7 @@ class Acquire(Generic[C]):
     __slots__ = ("_conn", "_engine", "_lease", "_ledger", "_timeout")
 
     def __init__(self, engine: Engine[C], timeout: float | None) -> None:
+        # (Pool.acquire() sets these three itself, the same way: keep them alike)
         self._engine = engine
         # the fast paths' owner, one attribute away: they run on every acquire
         self._ledger = engine.ledger

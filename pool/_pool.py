@@ -38,6 +38,8 @@ __all__ = ["Pool", "borrow", "driver_of", "give_back", "lends"]
 logger = logging.getLogger("pool")
 
 C = TypeVar("C")
+#: the fast acquire builds its handle without a call of Acquire.__init__
+_new_object = object.__new__
 
 # Connections a forked child inherited from its parent: see Pool._forget_after_fork.
 _INHERITED: Final[list[object]] = []
@@ -206,7 +208,13 @@ class Pool(Generic[C]):
         if timeout is not None:
             _config.check_seconds("timeout", timeout)
         if lane is None and tenant is None:
-            return Acquire(self._engine, timeout)
+            # Acquire.__init__, inlined: a handle on every acquire, and a Python
+            # frame for __init__ cost 450 instructions of a ~17,000 fast cycle
+            handle: Acquire[C] = _new_object(Acquire)
+            handle._engine = self._engine
+            handle._ledger = self._ledger
+            handle._timeout = timeout
+            return handle
         return LaneAcquire(self._engine, timeout, self._engine.flow(lane, tenant))
 
     async def release(self, conn: C) -> None:
