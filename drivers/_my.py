@@ -49,6 +49,13 @@ SSLACCEPT = ("strict", "accept_invalid_certs")
 #: errors for a write refused by a read-only server: 1290 (--read-only),
 #: 1792 (a READ ONLY transaction), 1836 (a read-only replica, MySQL 5.7+)
 READ_ONLY_ERRORS = frozenset({1290, 1792, 1836})
+#: a failed login (Prisma's P1000): ER_ACCESS_DENIED_ERROR (a wrong password or
+#: an unknown user) and ER_ACCESS_DENIED_NO_PASSWORD_ERROR (1698, MariaDB's
+#: answer to a user it does not know, or one that may not log in without a password)
+AUTH_ERRORS = frozenset({1045, 1698})
+#: the database (P1003): ER_DBACCESS_DENIED_ERROR (no rights on it, which MySQL
+#: also answers for one that does not exist) and ER_BAD_DB_ERROR
+DATABASE_ERRORS = frozenset({1044, 1049})
 DEFAULT_CHARSET = "utf8mb4"
 # aiomysql writes the total length of the connection attributes as a single
 # byte, and its own attributes take about 70 of the 250 that fit; a longer

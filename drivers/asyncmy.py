@@ -44,7 +44,7 @@ from asyncmy import errors
 from asyncmy.charset import charset_by_name
 from asyncmy.constants import CLIENT, CR
 
-from ._my import CutShortMixin, MySQLBase, read_url
+from ._my import AUTH_ERRORS, DATABASE_ERRORS, CutShortMixin, MySQLBase, read_url
 from ._url import check_connect_args, redact
 
 __all__ = ["AsyncmyDriver", "create"]
@@ -157,13 +157,13 @@ class AsyncmyDriver(MySQLBase):
             cache.clear()
 
     def classify_connect_error(self, exc: BaseException) -> str | None:
-        """Why a connect failed, as on aiomysql: 1045 auth, 1044 and 1049 the database."""
+        """Why a connect failed, as on aiomysql (``AUTH_ERRORS``, ``DATABASE_ERRORS``)."""
         if not isinstance(exc, errors.MySQLError) or not exc.args:
             return None
         number = exc.args[0]
-        if number == 1045:
+        if number in AUTH_ERRORS:
             return "auth"
-        if number in (1044, 1049):
+        if number in DATABASE_ERRORS:
             return "database"
         return None
 

@@ -97,6 +97,8 @@ from pymysql.constants import CLIENT, CR
 from pymysql.err import OperationalError
 
 from ._my import (  # re-exported: the names this module always had
+    AUTH_ERRORS,
+    DATABASE_ERRORS,
     MAX_APPLICATION_NAME_BYTES,
     PARAMETERS,
     READ_ONLY_ERRORS,
@@ -246,17 +248,14 @@ class MySQLDriver(MySQLBase):
     def classify_connect_error(self, exc: BaseException) -> str | None:
         """Why a connect failed, for Prisma's codes: ``"auth"``, ``"database"`` or None.
 
-        ER_ACCESS_DENIED_ERROR (1045: a wrong password or an unknown user) is
-        authentication; ER_DBACCESS_DENIED_ERROR (1044: no rights on that
-        database, which MySQL also answers for one that does not exist) and
-        ER_BAD_DB_ERROR (1049) are the database.
+        See ``AUTH_ERRORS`` (1045, 1698) and ``DATABASE_ERRORS`` (1044, 1049).
         """
         if not isinstance(exc, pymysql.err.MySQLError) or not exc.args:
             return None
         number = exc.args[0]
-        if number == 1045:
+        if number in AUTH_ERRORS:
             return "auth"
-        if number in (1044, 1049):
+        if number in DATABASE_ERRORS:
             return "database"
         return None
 
