@@ -159,6 +159,9 @@ class MySQLBase:
     #: without TLS (``sslmode=require``); set by each driver
     _plain_connection: Any = None
     _tls_connection: Any = None
+    #: the library's base error class, whose ``args[0]`` is the server's error
+    #: number (PyMySQL's, asyncmy's); set by each driver
+    _server_error: type[BaseException] = Exception
 
     def __init__(
         self,
@@ -223,6 +226,20 @@ class MySQLBase:
             conn._pool_watch = None  # connected: the pool watches it from now on (socket_of)
         conn._pool_finish = self._finish_cut
         return conn
+
+    def classify_connect_error(self, exc: BaseException) -> str | None:
+        """Why a connect failed, for Prisma's codes: ``"auth"``, ``"database"`` or None.
+
+        See ``AUTH_ERRORS`` (1045, 1698) and ``DATABASE_ERRORS`` (1044, 1049).
+        """
+        if not isinstance(exc, self._server_error) or not exc.args:
+            return None
+        number = exc.args[0]
+        if number in AUTH_ERRORS:
+            return "auth"
+        if number in DATABASE_ERRORS:
+            return "database"
+        return None
 
     async def close(self, conn: Connection) -> None:
         if conn._pool_cut is not None:

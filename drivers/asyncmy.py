@@ -44,7 +44,7 @@ from asyncmy import errors
 from asyncmy.charset import charset_by_name
 from asyncmy.constants import CLIENT, CR
 
-from ._my import AUTH_ERRORS, DATABASE_ERRORS, CutShortMixin, MySQLBase, read_url
+from ._my import CutShortMixin, MySQLBase, read_url
 from ._url import check_connect_args, redact
 
 __all__ = ["AsyncmyDriver", "create"]
@@ -105,6 +105,7 @@ class AsyncmyDriver(MySQLBase):
 
     _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
+    _server_error = errors.MySQLError
 
     #: as aiomysql's: MariaDB may list a session this long after the server's EOF
     session_linger = 0.05
@@ -155,17 +156,6 @@ class AsyncmyDriver(MySQLBase):
         cache = getattr(conn, "_stmt_cache", None)  # private: guarded
         if isinstance(cache, dict):
             cache.clear()
-
-    def classify_connect_error(self, exc: BaseException) -> str | None:
-        """Why a connect failed, as on aiomysql (``AUTH_ERRORS``, ``DATABASE_ERRORS``)."""
-        if not isinstance(exc, errors.MySQLError) or not exc.args:
-            return None
-        number = exc.args[0]
-        if number in AUTH_ERRORS:
-            return "auth"
-        if number in DATABASE_ERRORS:
-            return "database"
-        return None
 
     def is_broken_error(self, exc: BaseException) -> bool:
         """asyncmy's client-side errors: a packet it could not read, commands out of sync."""

@@ -97,8 +97,6 @@ from pymysql.constants import CLIENT, CR
 from pymysql.err import OperationalError
 
 from ._my import (  # re-exported: the names this module always had
-    AUTH_ERRORS,
-    DATABASE_ERRORS,
     MAX_APPLICATION_NAME_BYTES,
     PARAMETERS,
     READ_ONLY_ERRORS,
@@ -195,6 +193,7 @@ class MySQLDriver(MySQLBase):
 
     _plain_connection = RecoverableConnection
     _tls_connection = TLSOnlyConnection
+    _server_error = pymysql.err.MySQLError
 
     async def _handshake(self, conn: Connection) -> None:
         # what aiomysql.connect() does inside: aiomysql cleans up after errors
@@ -244,20 +243,6 @@ class MySQLDriver(MySQLBase):
             and not conn.get_transaction_status()
             and conn._pool_cut is None
         )
-
-    def classify_connect_error(self, exc: BaseException) -> str | None:
-        """Why a connect failed, for Prisma's codes: ``"auth"``, ``"database"`` or None.
-
-        See ``AUTH_ERRORS`` (1045, 1698) and ``DATABASE_ERRORS`` (1044, 1049).
-        """
-        if not isinstance(exc, pymysql.err.MySQLError) or not exc.args:
-            return None
-        number = exc.args[0]
-        if number in AUTH_ERRORS:
-            return "auth"
-        if number in DATABASE_ERRORS:
-            return "database"
-        return None
 
     def is_broken_error(self, exc: BaseException) -> bool:
         """PyMySQL's client-side errors: a packet it could not read, commands out of sync."""
